@@ -1,0 +1,6 @@
+"""Flax linen CLIP: ViT image tower, causal text tower, presets (see docs/architecture.md)."""
+
+from softalign.models.clip import CLIP, build_model
+from softalign.models.presets import list_presets, model_preset
+
+__all__ = ["CLIP", "build_model", "list_presets", "model_preset"]

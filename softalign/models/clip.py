@@ -1,0 +1,131 @@
+"""The CLIP model: ViT image tower + causal text tower + a learned temperature, in flax.linen.
+
+Why linen: its parameters are one plain nested-dict pytree, which the jitted train step, the sharding rules
+and Orbax checkpoints handle directly, with no module-state objects to split or merge.
+Parameters stay float32; `model.dtype` ('float32' | 'bfloat16') only sets the matmul compute dtype.
+Outputs are always float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from softalign.models.layers import get_activation
+from softalign.models.text import TextTransformer
+from softalign.models.vit import POOL_TYPES, VisionTransformer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """Map a config dtype name to a jnp dtype; only 'float32' and 'bfloat16' are supported."""
+    if name not in _DTYPES:
+        raise ValueError(f"Unknown model dtype {name!r}; expected one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Float32 unit-norm rows; eps guards against a zero vector."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class CLIP(nn.Module):
+    """Two-tower contrastive model configured by the `model` section of the experiment config.
+
+    Top-level params: ``vision`` (VisionTransformer), ``text`` (TextTransformer), ``logit_scale`` (scalar,
+    the log of the inverse temperature).
+    """
+
+    config: ml_collections.ConfigDict | ml_collections.FrozenConfigDict
+
+    def __post_init__(self) -> None:
+        # Freeze and check the config: a hashable module can be a static jit argument or be cloned by Flax.
+        if not isinstance(self.config, ml_collections.FrozenConfigDict):
+            object.__setattr__(self, "config", ml_collections.FrozenConfigDict(self.config))
+        validate_model_config(self.config)
+        super().__post_init__()
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype = compute_dtype(cfg.dtype)
+        remat = bool(cfg.get("remat", False))
+        v, t = cfg.vision, cfg.text
+        self.vision = VisionTransformer(
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            width=v.width,
+            depth=v.depth,
+            num_heads=v.num_heads,
+            embed_dim=cfg.embed_dim,
+            mlp_ratio=v.mlp_ratio,
+            pool=v.pool,
+            activation=cfg.activation,
+            dtype=dtype,
+            remat=remat,
+        )
+        self.text = TextTransformer(
+            vocab_size=t.vocab_size,
+            context_length=t.context_length,
+            width=t.width,
+            depth=t.depth,
+            num_heads=t.num_heads,
+            embed_dim=cfg.embed_dim,
+            eot_id=t.eot_id,
+            mlp_ratio=t.mlp_ratio,
+            activation=cfg.activation,
+            dtype=dtype,
+            remat=remat,
+        )
+        init_value = math.log(cfg.get("logit_scale_init", 1.0 / 0.07))
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(init_value), (), jnp.float32
+        )
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """Images (n, H, W, 3) float -> L2-normalised float32 (n, embed_dim)."""
+        return l2_normalize(self.vision(images))
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """Tokens (n, context_length) int -> L2-normalised float32 (n, embed_dim)."""
+        return l2_normalize(self.text(tokens))
+
+    def clamped_logit_scale(self) -> jax.Array:
+        """exp(logit_scale) clamped to logit_scale_max, float32 scalar."""
+        max_scale = self.config.get("logit_scale_max", 100.0)
+        return jnp.minimum(jnp.exp(self.logit_scale), jnp.float32(max_scale))
+
+    def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (image_emb, text_emb, logit_scale): unit-norm float32 (n, d) twice and a scalar."""
+        return self.encode_image(images), self.encode_text(tokens), self.clamped_logit_scale()
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> CLIP:
+    """Build CLIP from the `model` config section; the config is validated and frozen (a copy) first."""
+    return CLIP(model_config)
+
+
+def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for shape/option errors before anything is traced or compiled."""
+    compute_dtype(cfg.dtype)
+    get_activation(cfg.activation)
+    v, t = cfg.vision, cfg.text
+    if v.image_size % v.patch_size != 0:
+        raise ValueError(
+            f"model.vision.image_size ({v.image_size}) must be divisible by patch_size ({v.patch_size})."
+        )
+    if v.pool not in POOL_TYPES:
+        raise ValueError(f"model.vision.pool must be one of {POOL_TYPES}, got {v.pool!r}.")
+    for name, tower in (("vision", v), ("text", t)):
+        if tower.width % tower.num_heads != 0:
+            raise ValueError(
+                f"model.{name}.width ({tower.width}) must be divisible by num_heads ({tower.num_heads})."
+            )
+    if not 0 <= t.eot_id < t.vocab_size:
+        raise ValueError(f"model.text.eot_id ({t.eot_id}) must lie in [0, vocab_size={t.vocab_size}).")

@@ -1,0 +1,199 @@
+"""Pre-LN transformer building blocks shared by the image and text towers (OpenAI CLIP / open_clip layout).
+
+Mixed precision: matmuls run in the compute ``dtype``; LayerNorm, the softmax and the residual stream stay
+float32 so bfloat16 compute only loses precision inside the matmuls. Parameters are always float32.
+
+Parameter names mirror open_clip so a weight importer is a rename plus transposes:
+``ln_1``, ``attn/in_proj`` (fused q|k|v), ``attn/out_proj``, ``ln_2``, ``mlp/c_fc``, ``mlp/c_proj``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+LN_EPS = 1e-5  # torch.nn.LayerNorm default, as in open_clip.
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """Erf-based GELU, identical to torch.nn.GELU() (open_clip's non-quickgelu models)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": exact_gelu,
+    "quick_gelu": quick_gelu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Look up an activation by config name ('gelu' or 'quick_gelu')."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}.")
+    return _ACTIVATIONS[name]
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+    """float32 LayerNorm with torch's epsilon; params `scale` and `bias`."""
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+def causal_mask(length: int) -> jax.Array:
+    """Boolean (length, length) mask, True where query i may attend to key j (j <= i)."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Self-attention with one fused q|k|v projection (like torch nn.MultiheadAttention's in_proj)."""
+
+    width: int
+    num_heads: int
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    qkv_std: float = 0.02
+    out_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.width % self.num_heads != 0:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
+        b, length, _ = x.shape
+        head_dim = self.width // self.num_heads
+        # Output feature order is [q | k | v], each split into heads as (num_heads, head_dim): the same
+        # layout as torch's in_proj_weight (3*width, width), so kernel = in_proj_weight.T.
+        qkv = nn.Dense(
+            3 * self.width,
+            use_bias=True,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(self.qkv_std),
+            name="in_proj",
+        )(x)
+        qkv = qkv.reshape(b, length, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        if self.causal:
+            logits = jnp.where(causal_mask(length), logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, self.width)
+        return nn.Dense(
+            self.width,
+            use_bias=True,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(self.out_std),
+            name="out_proj",
+        )(out)
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward block: Dense(width*mlp_ratio) -> activation -> Dense(width)."""
+
+    width: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    dtype: Dtype = jnp.float32
+    fc_std: float = 0.02
+    proj_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = int(self.width * self.mlp_ratio)
+        h = nn.Dense(
+            hidden,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(self.fc_std),
+            name="c_fc",
+        )(x)
+        h = get_activation(self.activation)(h)
+        return nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(self.proj_std),
+            name="c_proj",
+        )(h)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); the residual stream stays float32."""
+
+    width: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    depth: int = 12  # Of the whole stack; only scales the init of the output projections.
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # open_clip's init: attn std w^-0.5, residual-out std w^-0.5 (2*depth)^-0.5, fc std (2w)^-0.5.
+        attn_std = self.width**-0.5
+        proj_std = attn_std * (2 * self.depth) ** -0.5
+        fc_std = (2 * self.width) ** -0.5
+        x = x.astype(jnp.float32)
+        y = MultiHeadSelfAttention(
+            self.width,
+            self.num_heads,
+            causal=self.causal,
+            dtype=self.dtype,
+            qkv_std=attn_std,
+            out_std=proj_std,
+            name="attn",
+        )(layer_norm("ln_1")(x))
+        x = x + y.astype(jnp.float32)
+        y = MLP(
+            self.width,
+            mlp_ratio=self.mlp_ratio,
+            activation=self.activation,
+            dtype=self.dtype,
+            fc_std=fc_std,
+            proj_std=proj_std,
+            name="mlp",
+        )(layer_norm("ln_2")(x))
+        return x + y.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` residual blocks named resblocks_0 .. resblocks_{depth-1}.
+
+    `remat=True` rematerialises each block's activations in the backward pass (less memory, ~1/3 more compute).
+    """
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+        for i in range(self.depth):
+            x = block_cls(
+                width=self.width,
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                activation=self.activation,
+                causal=self.causal,
+                dtype=self.dtype,
+                depth=self.depth,
+                name=f"resblocks_{i}",
+            )(x)
+        return x

@@ -1,0 +1,91 @@
+"""Named model configs (the `model` config section) so experiment configs pick an architecture by name.
+
+ViT-B/16, ViT-B/32 and ViT-S/16 match open_clip's ViT-B-16, ViT-B-32 and ViT-S-16 (non-quickgelu) exactly,
+so parameter counts, and later imported weights, line up. open_clip has no ViT-Ti; ours pairs a DeiT-Ti image
+tower (192 wide, 12 deep, 3 heads) with a 256-wide, 12-deep, 4-head text tower and a 192-d joint space.
+'demo' is a tiny model for CPU tests and smoke runs. The text eot_id is the CLIP BPE's <|endoftext|> (49407);
+with another tokenizer, set `model.text.eot_id` / `vocab_size` from it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import ml_collections
+
+CLIP_VOCAB = 49408
+CLIP_EOT = 49407
+
+
+def _make(
+    *,
+    embed_dim: int,
+    image_size: int,
+    patch_size: int,
+    vision: tuple[int, int, int],
+    text: tuple[int, int, int],
+    vocab_size: int = CLIP_VOCAB,
+    context_length: int = 77,
+    eot_id: int = CLIP_EOT,
+) -> ml_collections.ConfigDict:
+    """Assemble a full model section; `vision`/`text` are (width, depth, num_heads)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.embed_dim = embed_dim
+    cfg.activation = "gelu"
+    cfg.dtype = "float32"
+    cfg.logit_scale_init = 1.0 / 0.07
+    cfg.logit_scale_max = 100.0
+    cfg.remat = False
+
+    cfg.vision = ml_collections.ConfigDict()
+    cfg.vision.image_size = image_size
+    cfg.vision.patch_size = patch_size
+    cfg.vision.width, cfg.vision.depth, cfg.vision.num_heads = vision
+    cfg.vision.mlp_ratio = 4.0
+    cfg.vision.pool = "cls"
+
+    cfg.text = ml_collections.ConfigDict()
+    cfg.text.vocab_size = vocab_size
+    cfg.text.context_length = context_length
+    cfg.text.width, cfg.text.depth, cfg.text.num_heads = text
+    cfg.text.mlp_ratio = 4.0
+    cfg.text.eot_id = eot_id
+    return cfg
+
+
+_PRESETS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+    "ViT-Ti/16": lambda: _make(
+        embed_dim=192, image_size=224, patch_size=16, vision=(192, 12, 3), text=(256, 12, 4)
+    ),
+    "ViT-S/16": lambda: _make(
+        embed_dim=384, image_size=224, patch_size=16, vision=(384, 12, 6), text=(384, 12, 6)
+    ),
+    "ViT-B/16": lambda: _make(
+        embed_dim=512, image_size=224, patch_size=16, vision=(768, 12, 12), text=(512, 12, 8)
+    ),
+    "ViT-B/32": lambda: _make(
+        embed_dim=512, image_size=224, patch_size=32, vision=(768, 12, 12), text=(512, 12, 8)
+    ),
+    "demo": lambda: _make(
+        embed_dim=128,
+        image_size=32,
+        patch_size=4,
+        vision=(128, 3, 4),
+        text=(128, 3, 4),
+        vocab_size=1024,
+        context_length=24,
+        eot_id=1023,
+    ),
+}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by `model_preset`."""
+    return list(_PRESETS)
+
+
+def model_preset(name: str) -> ml_collections.ConfigDict:
+    """A fresh, mutable model config for `name` (e.g. 'ViT-B/16'); raises ValueError for unknown names."""
+    if name not in _PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; available: {list_presets()}.")
+    return _PRESETS[name]()

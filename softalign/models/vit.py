@@ -1,0 +1,103 @@
+"""Vision Transformer image tower (open_clip's VisionTransformer layout) producing unnormalised embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from softalign.models.layers import Transformer, layer_norm
+
+Dtype = Any
+
+POOL_TYPES = ("cls", "gap")
+
+
+class VisionTransformer(nn.Module):
+    """Patchify (bias-free conv) -> [cls] + positions -> ln_pre -> transformer -> ln_post -> pool -> proj.
+
+    Input: float images (n, H, W, C), NHWC. Output: float32 (n, embed_dim), not normalised.
+    Params: ``patch_embed/kernel`` (p, p, C, width), ``cls_token`` (width,) (pool='cls' only),
+    ``pos_embedding`` (tokens, width), ``ln_pre``, ``transformer``, ``ln_post``, ``proj/kernel`` (width, embed_dim).
+    """
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    embed_dim: int
+    mlp_ratio: float = 4.0
+    pool: str = "cls"
+    activation: str = "gelu"
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    def _check(self) -> None:
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})."
+            )
+        if self.pool not in POOL_TYPES:
+            raise ValueError(f"Unknown vision pool {self.pool!r}; expected one of {POOL_TYPES}.")
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        self._check()
+        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"Expected images of shape (n, {self.image_size}, {self.image_size}, C), got {images.shape}."
+            )
+        scale = self.width**-0.5
+        x = nn.Conv(
+            self.width,
+            kernel_size=(self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="patch_embed",
+        )(images.astype(self.dtype))
+        n = x.shape[0]
+        x = x.reshape(n, self.grid_size * self.grid_size, self.width).astype(jnp.float32)
+
+        num_tokens = self.grid_size * self.grid_size
+        if self.pool == "cls":
+            cls = self.param("cls_token", nn.initializers.normal(scale), (self.width,), jnp.float32)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], axis=1)
+            num_tokens += 1
+        pos = self.param("pos_embedding", nn.initializers.normal(scale), (num_tokens, self.width), jnp.float32)
+        x = x + pos[None]
+
+        x = layer_norm("ln_pre")(x)
+        x = Transformer(
+            width=self.width,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            activation=self.activation,
+            causal=False,
+            dtype=self.dtype,
+            remat=self.remat,
+            name="transformer",
+        )(x)
+        x = layer_norm("ln_post")(x)
+        # open_clip applies ln_post to every token and pools afterwards; both orders agree for 'cls'.
+        pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+        out = nn.Dense(
+            self.embed_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(scale),
+            name="proj",
+        )(pooled)
+        return out.astype(jnp.float32)
