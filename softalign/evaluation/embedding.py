@@ -50,10 +50,13 @@ def embed_in_batches(
     *,
     log_every: int = 0,
     progress: Optional[ProgressFn] = None,
+    jit: bool = True,
 ) -> np.ndarray:
     """Map `fn` ((batch_size, ...) -> (batch_size, D), jitted if it is not already) over `array`; returns (N, D).
 
     With `sharding` each batch is device_put onto it (multi-process: all pass the same full array); quiet by default.
+    Pass ``jit=False`` when `fn` already runs compiled code, e.g. ``functools.partial(jitted_apply, params)``
+    (jitting a closure over parameters would bake them in as constants and recompile for every checkpoint).
     """
     array = np.asarray(array)
     if batch_size <= 0:
@@ -64,7 +67,7 @@ def embed_in_batches(
             raise ValueError(
                 f"batch_size={batch_size} is not divisible by the {shards} devices that "
                 "the sharding splits the batch dimension over.")
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    jitted = fn if (hasattr(fn, "lower") or not jit) else jax.jit(fn)
 
     n = array.shape[0]
     if n == 0:

@@ -1,0 +1,66 @@
+"""Orbax checkpoints of the whole run: train state (params, optimizer, teacher, step, RNG) and the Grain
+iterator's position, saved asynchronously, keeping the last N.
+
+Orbax writes each step to a temporary directory and renames it only when complete, so a process killed mid-save
+(even with kill -9) leaves the previous checkpoints intact and the partial one is ignored on restore.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` with the two items ``state`` and ``data``."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, *, force: bool = False) -> bool:
+        """Starts an (asynchronous) save of ``state`` and the iterator's position; returns whether it saved."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            logging.info("Checkpoint of step %d started in %s", step, self.directory)
+        return saved
+
+    def restore(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None,
+                step: int | None = None) -> tuple[Any, int] | None:
+        """Restores ``step`` (default: latest) into the shapes/shardings of ``abstract_state`` and moves
+        ``data_iterator`` to its saved position. Returns ``(state, step)`` or ``None`` if nothing is saved."""
+        step = self._manager.latest_step() if step is None else step
+        if step is None:
+            return None
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], step
+
+    def wait(self) -> None:
+        """Blocks until any asynchronous save has finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """``ShapeDtypeStruct``s (with shardings) of a pytree of arrays, for restoring into the same layout."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

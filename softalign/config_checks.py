@@ -1,0 +1,61 @@
+"""Checks a config before anything is compiled, so a bad value fails in one clear line, not deep in XLA."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from softalign import psd
+from softalign.models.clip import validate_model_config
+from softalign.teachers import TEACHERS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -> None:
+    """Raises ``ConfigError`` for values that cannot work on ``num_data_shards`` devices."""
+    if workdir is not None:
+        parent = os.path.dirname(os.path.abspath(workdir)) or "/"
+        _require(os.path.isdir(parent), f"--workdir={workdir}: parent directory {parent} does not exist")
+    _require(config.num_steps > 0, f"num_steps must be positive, got {config.num_steps}")
+    for key in ("batch_size", "eval_batch_size"):
+        value = config[key]
+        _require(value > 0 and value % num_data_shards == 0,
+                 f"{key}={value} must be a positive multiple of the {num_data_shards} data-parallel devices")
+    model = config.model
+    if model.text.vocab_size <= 0 or model.text.eot_id < 0:  # filled in from the tokenizer later
+        model = ml_collections.ConfigDict(model.to_dict())
+        model.text.vocab_size, model.text.eot_id = max(model.text.vocab_size, 2), 1
+    try:
+        validate_model_config(model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    _require(config.model.vision.image_size == config.data.image_size,
+             f"model.vision.image_size={config.model.vision.image_size} must equal "
+             f"data.image_size={config.data.image_size}")
+    p = config.psd
+    _require(p.teacher in TEACHERS, f"psd.teacher={p.teacher!r} is not one of {sorted(TEACHERS)}")
+    _require(p.ramp in psd.RAMPS, f"psd.ramp={p.ramp!r} is not one of {psd.RAMPS}")
+    _require(0.0 <= p.alpha_max <= 1.0, f"psd.alpha_max={p.alpha_max} must be in [0, 1]")
+    _require(p.temperature > 0, f"psd.temperature={p.temperature} must be positive")
+    _require(0.0 <= p.subset_fraction <= 1.0, f"psd.subset_fraction={p.subset_fraction} must be in [0, 1]")
+    groups = p.subset_groups or num_data_shards
+    _require(groups % num_data_shards == 0 and config.batch_size % groups == 0,
+             f"psd.subset_groups={groups} must be a multiple of the {num_data_shards} data shards and divide "
+             f"batch_size={config.batch_size}")
+    _require(0.0 <= p.ema_momentum < 1.0, f"psd.ema_momentum={p.ema_momentum} must be in [0, 1)")
+    _require(p.snapshot_every > 0, f"psd.snapshot_every={p.snapshot_every} must be positive")
+    o = config.optim
+    _require(o.lr > 0 and o.warmup_steps >= 0 and o.weight_decay >= 0,
+             "optim.lr must be positive; optim.warmup_steps and optim.weight_decay non-negative")
+    _require(config.data.train_size >= config.batch_size,
+             f"data.train_size={config.data.train_size} is smaller than one global batch ({config.batch_size})")

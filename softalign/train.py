@@ -1,0 +1,252 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Wires config -> data -> model -> loss/teacher -> jitted step, then runs it with periodic metrics, evaluation and
+Orbax checkpoints. A run resumes from the latest checkpoint in ``workdir``; a finished run only re-evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+from typing import Any
+
+import clu.metrics
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from softalign import checkpointing, config_checks, metric_io, sharding
+from softalign.data import pipeline
+from softalign.data.tokenizer import Tokenizer, synthetic_tokenizer
+from softalign.evaluation import suite
+from softalign.models import CLIP, build_model
+from softalign.optim import make_optimizer
+from softalign.step import TrainState, create_state, jit_train_step, make_train_step
+from softalign.teachers import make_teacher
+
+TOKENIZER_FILE = "tokenizer.json"
+RESULTS_FILE = "eval_results.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/Inf; the message names the step."""
+
+
+def load_tokenizer(config: Any, workdir: str) -> Tokenizer:
+    """The configured tokenizer.json, else the one this run trained before, else a new BPE on synthetic captions."""
+    length = config.model.text.context_length
+    if config.tokenizer.path:
+        return Tokenizer.from_file(config.tokenizer.path, length)
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if os.path.exists(path):
+        return Tokenizer.from_file(path, length)
+    if config.data.source != "synthetic":
+        raise config_checks.ConfigError("tokenizer.path is required for data sources other than 'synthetic'")
+    tok = synthetic_tokenizer(length, vocab_size=config.tokenizer.vocab_size,
+                              num_captions=config.tokenizer.num_captions, seed=config.data.seed)
+    if jax.process_index() == 0:
+        tok.save(path)
+    logging.info("Trained a BPE tokenizer (vocab %d) on synthetic captions -> %s", tok.vocab_size, path)
+    return tok
+
+
+def resolve_config(config: Any, tokenizer: Tokenizer) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the text tower's vocabulary and end-of-text id taken from the tokenizer."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    text = config.model.text
+    if text.vocab_size <= 0:
+        text.vocab_size = tokenizer.vocab_size
+    elif tokenizer.vocab_size > text.vocab_size:
+        raise config_checks.ConfigError(
+            f"model.text.vocab_size={text.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if text.eot_id < 0:
+        text.eot_id = tokenizer.eot_id
+    return config
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from the config that the loop and the evaluators need."""
+
+    config: Any
+    mesh: Any
+    model: CLIP
+    state: TrainState
+    train_step: Any
+    state_shardings: Any
+    tokenizer: Tokenizer
+    encode_image: Any  # jitted (params, images) -> emb
+    encode_text: Any
+
+
+def build_run(config: Any, workdir: str) -> Run:
+    """Builds mesh, tokenizer, model, optimizer, teacher, initial state and the jitted step (not yet compiled)."""
+    num_devices = jax.device_count() if config.num_devices <= 0 else config.num_devices
+    config_checks.validate(config, num_data_shards=num_devices, workdir=workdir)
+    mesh = sharding.make_mesh(num_devices)
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = load_tokenizer(config, workdir)
+    config = resolve_config(config, tokenizer)
+    config_checks.validate(config, num_data_shards=num_devices)
+    model = build_model(config.model)
+    tx, lr_schedule = make_optimizer(config.optim, config.num_steps)
+    teacher = make_teacher(config.psd)
+
+    size = config.data.image_size
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((1, config.model.text.context_length), jnp.int32)
+
+    def init_state():
+        params = model.init(jax.random.key(config.seed), images, tokens)["params"]
+        return create_state(params, tx, teacher, config.seed)
+
+    state_shardings = sharding.state_sharding(mesh, jax.eval_shape(init_state))
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+    step_fn = make_train_step(model=model, tx=tx, lr_schedule=lr_schedule, teacher=teacher, psd_config=config.psd,
+                              num_steps=config.num_steps, mesh=mesh, batch_size=config.batch_size)
+    encode = lambda method: jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))
+    return Run(config, mesh, model, state, jit_train_step(step_fn, mesh, state_shardings), state_shardings,
+               tokenizer, encode(CLIP.encode_image), encode(CLIP.encode_text))
+
+
+def evaluate(run: Run, evaluators: list[suite.Evaluator], params: Any) -> dict[str, dict[str, float]]:
+    """Runs ``evaluators`` on ``params``; returns ``{name: metrics}``."""
+    enc_img = functools.partial(run.encode_image, params)
+    enc_txt = functools.partial(run.encode_text, params)
+    return {ev.name: ev.run(enc_img, enc_txt) for ev in evaluators}
+
+
+def report(results: dict[str, dict[str, float]], evaluators: list[suite.Evaluator], step: int,
+           final: bool = False) -> None:
+    """Logs evaluation lines; the final ones also go to stdout, each beside its chance level."""
+    chances = {ev.name: ev.chance for ev in evaluators}
+    for name, metrics in results.items():
+        for line in suite.report_lines(f"[step {step}] {name}", metrics, chances[name]):
+            if final:
+                print(line, flush=True)
+            else:
+                logging.info("%s", line)
+
+
+def _write_results(workdir: str, step: int, results: dict[str, dict[str, float]]) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+            json.dump({"step": step, "results": results}, f, indent=2, sort_keys=True)
+
+
+def _metrics_collection(names):
+    return clu.metrics.Collection.create(**{n: clu.metrics.Average.from_output(n) for n in names})
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.stop = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"loss or gradient became non-finite at step {bad}; that update was skipped and training stopped. "
+            f"The last good checkpoint (step {ckpt.latest_step()}) is kept.")
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]:
+    """Trains (or resumes) in ``workdir`` and returns the final evaluation results."""
+    run = build_run(config, workdir)
+    config = run.config
+    is_main = jax.process_index() == 0
+    writer = metric_io.create_writers(workdir, just_logging=not is_main)
+    evaluators = suite.build_evaluators(config, run.tokenizer, sharding.batch_sharding(run.mesh))
+    data_iter = pipeline.make_train_iterator(
+        config.data, run.tokenizer, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    state = run.state
+    restored = ckpt.restore(checkpointing.abstract_like(state), data_iter)
+    if restored is not None:
+        state, step = restored
+        message = f"Restored checkpoint at step {step} from {ckpt.directory}"
+        print(message, flush=True)
+        logging.info(message)
+    else:
+        writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+    step = int(jax.device_get(state.step))
+    last = config.num_steps
+    end = last if config.stop_at_step <= 0 else min(last, config.stop_at_step)
+    if step >= last:
+        print(f"Run complete ({step}/{last} steps); re-evaluating the final checkpoint.", flush=True)
+        results = evaluate(run, evaluators, state.params)
+        report(results, evaluators, step, final=True)
+        ckpt.close()
+        return results
+
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    progress = metric_io.ProgressReporter(last, writer, every_secs=30)
+    stop_flag = _StopFlag()
+    results: dict[str, dict[str, float]] = {}
+    accumulated = None
+    try:
+        while step < end and not stop_flag.stop:
+            batch = pipeline.to_global_batch(next(data_iter), batch_sharding)
+            state, metrics = run.train_step(state, batch)
+            step += 1
+            if accumulated is None:
+                collection = _metrics_collection(metrics.keys())
+                accumulated = collection.single_from_model_output(**metrics)
+            else:
+                accumulated = accumulated.merge(collection.single_from_model_output(**metrics))
+            progress(step, examples=config.batch_size)
+            if step % config.log_every == 0 or step == end:
+                _check_finite(state, ckpt)
+                writer.write_scalars(step, {f"train/{k}": v for k, v in accumulated.compute().items()})
+                accumulated = None
+            due = [ev for ev in evaluators if ev.every > 0 and ev.due(step, last) and step != last]
+            if due:
+                with progress.timed("eval"):
+                    partial = evaluate(run, due, state.params)
+                _write_eval(writer, step, partial)
+                report(partial, due, step)
+            if step % config.checkpoint_every == 0 or step == end or stop_flag.stop:
+                _check_finite(state, ckpt)
+                with progress.timed("checkpoint"):
+                    ckpt.save(step, state, data_iter, force=True)
+        if step >= last:
+            with progress.timed("eval"):
+                results = evaluate(run, evaluators, state.params)
+            _write_eval(writer, step, results)
+            report(results, evaluators, step, final=True)
+            _write_results(workdir, step, results)
+    finally:
+        stop_flag.restore()
+        ckpt.close()
+        writer.flush()
+    return results
+
+
+def _write_eval(writer, step, results):
+    writer.write_scalars(step, {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()})
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

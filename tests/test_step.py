@@ -1,0 +1,95 @@
+"""The jitted train step: sharded equals single-device, no B x B buffer per device, NaN steps are skipped."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from softalign import sharding
+from softalign.models import build_model
+from softalign.optim import make_optimizer
+from softalign.step import create_state, jit_train_step, make_train_step
+from softalign.teachers import make_teacher
+from tiny import tiny_config
+
+B = 40  # 5 rows per device on 8 devices; no model dimension equals 40 or 5*8 by accident
+
+
+def _setup(teacher="ema", alpha_max=0.5, fraction=0.4):
+    c = tiny_config(**{"psd.teacher": teacher, "psd.alpha_max": alpha_max, "psd.subset_fraction": fraction,
+                       "psd.ramp": "constant", "psd.temperature": 0.5, "batch_size": B})
+    c.model.text.update(vocab_size=50, eot_id=2, context_length=8)
+    model = build_model(c.model)
+    tx, lr = make_optimizer(c.optim, c.num_steps)
+    teach = make_teacher(c.psd)
+    rng = np.random.default_rng(0)
+    batches = [{
+        "image": rng.normal(size=(B, 8, 8, 3)).astype(np.float32),
+        "tokens": np.concatenate([np.ones((B, 1)), rng.integers(3, 50, (B, 5)), np.full((B, 1), 2),
+                                  np.zeros((B, 1))], 1).astype(np.int32),
+        "index": np.arange(B, dtype=np.int32)} for _ in range(2)]
+    params = model.init(jax.random.key(0), batches[0]["image"][:1], batches[0]["tokens"][:1])["params"]
+    return c, model, tx, lr, teach, params, batches
+
+
+def _run(mesh, c, model, tx, lr, teach, params, batches):
+    fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
+                         num_steps=c.num_steps, mesh=mesh, batch_size=B)
+    state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)  # a copy: the step donates its input
+    shardings = sharding.state_sharding(mesh, state)
+    step = jit_train_step(fn, mesh, shardings)
+    state = jax.device_put(state, shardings)
+    losses = []
+    for b in batches:
+        state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+        losses.append(float(m["loss"]))
+    return state, losses, step
+
+
+@pytest.mark.parametrize("teacher", ["ema", "self", "snapshot"])
+def test_sharded_step_equals_single_device(teacher):
+    setup = _setup(teacher)
+    s1, l1, _ = _run(sharding.make_mesh(1), *setup)
+    s8, l8, _ = _run(sharding.make_mesh(8), *setup)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
+    for a, b in zip(jax.tree.leaves(s1.teacher), jax.tree.leaves(s8.teacher)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
+
+
+def test_no_device_holds_batch_by_batch_logits():
+    setup = _setup("ema")
+    mesh = sharding.make_mesh(8)
+    _, _, step = _run(mesh, *setup)
+    c, model, tx, lr, teach, params, batches = setup
+    state = create_state(params, tx, teach, 0)
+    hlo = step.lower(state, jax.device_put(batches[0], sharding.batch_sharding(mesh))).compile().as_text()
+    assert f"f32[{B},{B}]" not in hlo, "a device materialises the full B x B logits"
+    assert f"f32[5,{B}]" in hlo, "expected this device's 5 x B logit rows"
+    assert f"f32[{B},8,8,3]" not in hlo, "the teacher's subset gather moved the whole image batch to one device"
+
+
+def test_nonfinite_step_is_skipped_and_recorded():
+    c, model, tx, lr, teach, params, batches = _setup("ema")
+    mesh = sharding.make_mesh(1)
+    fn = jax.jit(make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
+                                 num_steps=c.num_steps, mesh=mesh, batch_size=B))
+    state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)
+    state, _ = fn(state, batches[0])
+    bad = dict(batches[1], image=np.full_like(batches[1]["image"], np.nan))
+    after, m = fn(state, bad)
+    assert not np.isfinite(float(m["loss"]))
+    assert int(after.nonfinite_step) == 1 and int(after.step) == 2
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state, state.teacher)),
+                    jax.tree.leaves((after.params, after.opt_state, after.teacher))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    later, _ = fn(after, batches[0])
+    assert int(later.nonfinite_step) == 1  # the first bad step is kept
+
+
+def test_clip_baseline_runs_no_teacher_forward():
+    """alpha_max=0: the step is plain InfoNCE, with loss == loss_hard and no soft term."""
+    setup = _setup("ema", alpha_max=0.0)
+    _, losses, _ = _run(sharding.make_mesh(1), *setup)
+    assert all(np.isfinite(losses))
