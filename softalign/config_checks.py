@@ -8,6 +8,7 @@ from typing import Any
 import ml_collections
 
 from softalign import psd
+from softalign.data.sources import available_sources
 from softalign.models.clip import validate_model_config
 from softalign.teachers import TEACHERS
 
@@ -42,6 +43,9 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     _require(config.model.vision.image_size == config.data.image_size,
              f"model.vision.image_size={config.model.vision.image_size} must equal "
              f"data.image_size={config.data.image_size}")
+    known = available_sources()
+    _require(config.data.source in known,
+             f"data.source={config.data.source!r} is not available; known sources: {known}")
     p = config.psd
     _require(p.teacher in TEACHERS, f"psd.teacher={p.teacher!r} is not one of {sorted(TEACHERS)}")
     _require(p.ramp in psd.RAMPS, f"psd.ramp={p.ramp!r} is not one of {psd.RAMPS}")

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from softalign import psd
-from softalign.losses import TeacherTargets, psd_loss
+from softalign import losses
+from softalign.losses import TeacherTargets
 from softalign.sharding import make_mesh
+
+# Jitted once per (tau, mesh): eager shard_map (and its transpose) would run op by op and take minutes.
+psd_loss = jax.jit(losses.psd_loss, static_argnames=("tau", "mesh", "axis"))
 
 
 def _log_softmax(x):
