@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_steps = 1000
     c.stop_at_step = -1  # >0: end this process at that step (train in slices; the schedule still spans num_steps)
     c.num_devices = -1  # data-parallel devices to use; -1: all
+    c.grad_accum_steps = 1  # >1: exact cached-feature accumulation over that many micro-batches per step
+    c.loss_chunk_size = 0  # >0: tile the loss's B columns in chunks (O(b*c) memory per device, same gradients)
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=100, min_lr_ratio=0.0, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6, grad_clip=1.0))
 

@@ -43,6 +43,11 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     _require(config.model.vision.image_size == config.data.image_size,
              f"model.vision.image_size={config.model.vision.image_size} must equal "
              f"data.image_size={config.data.image_size}")
+    accum = config.grad_accum_steps
+    _require(accum >= 1 and config.batch_size % (accum * num_data_shards) == 0,
+             f"grad_accum_steps={accum} must be >= 1 and batch_size={config.batch_size} divisible by "
+             f"grad_accum_steps x {num_data_shards} data shards")
+    _require(config.loss_chunk_size >= 0, f"loss_chunk_size={config.loss_chunk_size} must be >= 0 (0: unchunked)")
     known = available_sources()
     _require(config.data.source in known,
              f"data.source={config.data.source!r} is not available; known sources: {known}")

@@ -12,6 +12,11 @@ from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and evaluation results.")
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"],
+                  "Start jax.distributed: auto = when the flags below are given or a TPU slice / SLURM job is detected.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for an explicit multi-process start.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
+flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -28,7 +33,9 @@ class _QuietLibraries:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from softalign import config_checks, train  # after flag parsing: keeps --help fast
+    from softalign import config_checks, distributed, train  # after flag parsing: keeps --help fast
+
+    distributed.initialize(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.INFO)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from softalign import psd, sharding
+from softalign import accumulate, psd, sharding
 from softalign.losses import psd_loss
 from softalign.teachers import Teacher
 
@@ -57,6 +57,8 @@ def make_train_step(
     num_steps: int,
     mesh: Mesh,
     batch_size: int,
+    loss_chunk_size: int = 0,
+    grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (not yet jitted) step function. See :func:`jit_train_step`."""
     ramp_end = psd_config.ramp_end if psd_config.ramp_end >= 0 else num_steps
@@ -77,14 +79,16 @@ def make_train_step(
         if not use_teacher:
             subset_mask = jnp.zeros_like(subset_mask)
 
-        def loss_fn(params):
-            img, txt, scale = embed(params, batch["image"], batch["tokens"])
-            return psd_loss(
-                img, txt, scale, alpha=alpha, subset=subset_mask, teacher=targets,
-                tau=psd_config.temperature, mesh=mesh,
-            )
+        def loss_of_embeddings(img, txt, scale):
+            return psd_loss(img, txt, scale, alpha=alpha, subset=subset_mask, teacher=targets,
+                            tau=psd_config.temperature, mesh=mesh, chunk_size=loss_chunk_size)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if grad_accum_steps > 1:
+            (loss, metrics), grads = accumulate.cached_feature_grads(
+                embed, loss_of_embeddings, state.params, batch["image"], batch["tokens"], grad_accum_steps, mesh)
+        else:
+            loss_fn = lambda p: loss_of_embeddings(*embed(p, batch["image"], batch["tokens"]))
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -49,7 +49,8 @@ def load_tokenizer(config: Any, workdir: str) -> Tokenizer:
     tok = synthetic_tokenizer(length, vocab_size=config.tokenizer.vocab_size,
                               num_captions=config.tokenizer.num_captions, seed=config.data.seed)
     if jax.process_index() == 0:
-        tok.save(path)
+        tok.save(path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: other processes and restarts never read a partial file
     logging.info("Trained a BPE tokenizer (vocab %d) on synthetic captions -> %s", tok.vocab_size, path)
     return tok
 
@@ -107,7 +108,8 @@ def build_run(config: Any, workdir: str) -> Run:
     state_shardings = sharding.state_sharding(mesh, jax.eval_shape(init_state))
     state = jax.jit(init_state, out_shardings=state_shardings)()
     step_fn = make_train_step(model=model, tx=tx, lr_schedule=lr_schedule, teacher=teacher, psd_config=config.psd,
-                              num_steps=config.num_steps, mesh=mesh, batch_size=config.batch_size)
+                              num_steps=config.num_steps, mesh=mesh, batch_size=config.batch_size,
+                              loss_chunk_size=config.loss_chunk_size, grad_accum_steps=config.grad_accum_steps)
     encode = lambda method: jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))
     return Run(config, mesh, model, state, jit_train_step(step_fn, mesh, state_shardings), state_shardings,
                tokenizer, encode(CLIP.encode_image), encode(CLIP.encode_text))

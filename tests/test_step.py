@@ -93,3 +93,45 @@ def test_clip_baseline_runs_no_teacher_forward():
     setup = _setup("ema", alpha_max=0.0)
     _, losses, _ = _run(sharding.make_mesh(1), *setup)
     assert all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_gradient_accumulation_equals_full_batch_step(devices):
+    """Cached-feature accumulation over 5 micro-batches gives the full-batch update, PSD (EMA teacher) on."""
+    c, model, tx, lr, teach, params, batches = _setup("ema")
+    mesh = sharding.make_mesh(devices)
+
+    def run(accum):
+        fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
+                             num_steps=c.num_steps, mesh=mesh, batch_size=B, grad_accum_steps=accum)
+        state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)
+        shardings = sharding.state_sharding(mesh, state)
+        step = jit_train_step(fn, mesh, shardings)
+        state = jax.device_put(state, shardings)
+        out = []
+        for b in batches:
+            state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+            out.append(m)
+        return state, out
+
+    full, m_full = run(1)
+    acc, m_acc = run(5)
+    for a, b in zip(m_full, m_acc):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+        np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(acc.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
+
+
+def test_bfloat16_compute_stays_finite_and_close_to_float32():
+    """model.dtype='bfloat16' runs the matmuls in bf16 (params and optimizer stay f32)."""
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        c, model, tx, lr, teach, params, batches = _setup("ema")
+        c.model.dtype = dtype
+        model = build_model(c.model)
+        state, losses, _ = _run(sharding.make_mesh(1), c, model, tx, lr, teach, params, batches * 2)
+        assert all(np.isfinite(losses))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+        out[dtype] = losses
+    np.testing.assert_allclose(out["bfloat16"], out["float32"], rtol=3e-2)

@@ -1,0 +1,93 @@
+"""Per-device temp memory of the PSD loss + gradient against global batch, chunked vs unchunked.
+
+Compiles (never runs) ``value_and_grad`` of ``losses.psd_loss`` on 8 virtual CPU devices, with the self teacher
+and soft targets on, and reads ``compiled.memory_analysis().temp_size_in_bytes``. Unchunked memory grows as b x B
+per device; chunked memory stays near b x c.
+
+    python benchmarks/loss_memory.py                       # table (markdown) and docs/loss_memory.png
+    python benchmarks/loss_memory.py --budget_gib 2        # also: the largest global batch under 2 GiB per device
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from softalign import losses, sharding  # noqa: E402
+
+
+def temp_bytes(batch: int, dim: int, chunk: int, mesh) -> int:
+    """Compiles the loss and its gradient for a global batch; returns per-device temp bytes."""
+    row = NamedSharding(mesh, P(sharding.DATA_AXIS))
+    emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=row)
+    subset = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=row)
+
+    def f(u, v, s):
+        loss, _ = losses.psd_loss(u, v, 14.0, alpha=0.5, subset=s, teacher=None, tau=0.5, mesh=mesh,
+                                  chunk_size=chunk)
+        return loss
+
+    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(emb, emb, subset).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1024,4096,16384,32768,65536")
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--budget_gib", type=float, default=2.0)
+    parser.add_argument("--plot", default=os.path.join("docs", "loss_memory.png"))
+    args = parser.parse_args()
+    mesh = sharding.make_mesh(8)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for b in batches:
+        rows.append((b, temp_bytes(b, args.dim, 0, mesh), temp_bytes(b, args.dim, args.chunk, mesh)))
+        print(f"B={b}: unchunked {rows[-1][1] / 2**20:.1f} MiB, chunked {rows[-1][2] / 2**20:.1f} MiB",
+              file=sys.stderr, flush=True)
+    print(f"Per-device temp memory of loss + gradient, 8 devices, D={args.dim}, chunk c={args.chunk}\n")
+    print("| global batch B | per device b | unchunked (MiB) | chunked (MiB) | ratio |")
+    print("|---|---|---|---|---|")
+    for b, full, chunked in rows:
+        print(f"| {b:,} | {b // 8:,} | {full / 2**20:,.1f} | {chunked / 2**20:,.1f} | {full / max(chunked, 1):.1f}x |")
+    budget = args.budget_gib * 2**30
+    for name, col in (("unchunked", 1), ("chunked", 2)):
+        fits = [r[0] for r in rows if r[col] <= budget]
+        # temp memory is close to linear (chunked) or quadratic (unchunked) in B: extrapolate from the largest point
+        b, used = rows[-1][0], rows[-1][col]
+        power = 2.0 if col == 1 else 1.0
+        estimate = int(b * (budget / used) ** (1 / power))
+        print(f"\nLargest measured B within {args.budget_gib:g} GiB/device, {name}: "
+              f"{max(fits) if fits else 'none'} (extrapolated: ~{estimate:,})")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("\n(matplotlib not installed: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    ax.loglog(batches, [r[1] / 2**20 for r in rows], "o-", label="unchunked (b x B)")
+    ax.loglog(batches, [r[2] / 2**20 for r in rows], "s-", label=f"chunked (c = {args.chunk})")
+    ax.set_xlabel("global batch B (8 devices)")
+    ax.set_ylabel("temp MiB per device")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot)
+    print(f"\nplot: {args.plot}\ncommand: python benchmarks/loss_memory.py")
+
+
+if __name__ == "__main__":
+    main()
