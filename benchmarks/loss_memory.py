@@ -28,7 +28,7 @@ from softalign import losses, sharding  # noqa: E402
 
 def temp_bytes(batch: int, dim: int, chunk: int, mesh) -> int:
     """Compiles the loss and its gradient for a global batch; returns per-device temp bytes."""
-    row = NamedSharding(mesh, P(sharding.DATA_AXIS))
+    row = sharding.batch_sharding(mesh)
     emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=row)
     subset = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=row)
 

@@ -18,11 +18,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from softalign.sharding import BATCH_AXES
+
 EmbedFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
-def _split(x: jax.Array, num_micro: int, mesh: Mesh, axis: str) -> jax.Array:
+def _split(x: jax.Array, num_micro: int, mesh: Mesh, axis) -> jax.Array:
     """(B, ...) -> (M, B/M, ...) with row i in micro-batch i % M, so every device holds part of each micro-batch."""
     grouped = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
     spec = P(None, axis, *([None] * (x.ndim - 1)))
@@ -35,7 +37,7 @@ def _merge(x: jax.Array) -> jax.Array:
 
 
 def cached_feature_grads(embed: EmbedFn, loss_of_embeddings: LossFn, params: Any, images: jax.Array,
-                         tokens: jax.Array, num_micro: int, mesh: Mesh, axis: str = "data"):
+                         tokens: jax.Array, num_micro: int, mesh: Mesh, axis=BATCH_AXES):
     """Returns ``((loss, metrics), grads)`` of ``loss_of_embeddings(*embed(params, images, tokens))`` over the whole
     batch, running the towers on ``num_micro`` micro-batches at a time."""
     imgs, toks = _split(images, num_micro, mesh, axis), _split(tokens, num_micro, mesh, axis)

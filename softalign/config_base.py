@@ -31,7 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256
     c.num_steps = 1000
     c.stop_at_step = -1  # >0: end this process at that step (train in slices; the schedule still spans num_steps)
-    c.num_devices = -1  # data-parallel devices to use; -1: all
+    c.num_devices = -1  # devices to use; -1: all. The global batch is split over all of them.
+    c.fsdp = 1  # >1: shard parameters and optimizer state over this many devices (mesh axis 'fsdp')
+    c.fsdp_min_size = 2**14  # leaves smaller than this stay replicated
+    c.sharding_rules = ()  # ((path_regex, (axis_or_None, ...)), ...): explicit PartitionSpecs, checked first
     c.grad_accum_steps = 1  # >1: exact cached-feature accumulation over that many micro-batches per step
     c.loss_chunk_size = 0  # >0: tile the loss's B columns in chunks (O(b*c) memory per device, same gradients)
     c.optim = ml_collections.ConfigDict(dict(

@@ -43,6 +43,8 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     _require(config.model.vision.image_size == config.data.image_size,
              f"model.vision.image_size={config.model.vision.image_size} must equal "
              f"data.image_size={config.data.image_size}")
+    _require(config.fsdp >= 1 and num_data_shards % config.fsdp == 0,
+             f"fsdp={config.fsdp} must divide the {num_data_shards} devices")
     accum = config.grad_accum_steps
     _require(accum >= 1 and config.batch_size % (accum * num_data_shards) == 0,
              f"grad_accum_steps={accum} must be >= 1 and batch_size={config.batch_size} divisible by "

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from softalign.losses_chunked import chunked_direction_sums
+from softalign.sharding import BATCH_AXES
 
 
 class TeacherTargets(NamedTuple):
@@ -102,10 +103,10 @@ def psd_loss(
     teacher: TeacherTargets | None,
     tau: float,
     mesh: Mesh,
-    axis: str = "data",
+    axis: str | tuple[str, ...] = BATCH_AXES,
     chunk_size: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PSD loss for a global batch sharded over ``mesh[axis]``. Returns ``(loss, metrics)``.
+    """PSD loss for a global batch whose rows are split over the mesh axes ``axis``. Returns ``(loss, metrics)``.
 
     ``subset`` (B,) bool marks S. ``teacher=None`` is the ``self`` teacher: T is the stop-gradient of the student's
     own logits. ``tau`` divides the teacher logits (the teacher's own logit scale is kept). ``chunk_size > 0``

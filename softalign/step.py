@@ -63,7 +63,7 @@ def make_train_step(
     """Builds the (not yet jitted) step function. See :func:`jit_train_step`."""
     ramp_end = psd_config.ramp_end if psd_config.ramp_end >= 0 else num_steps
     alpha_fn = psd.alpha_schedule(psd_config.alpha_max, psd_config.ramp, psd_config.ramp_start, ramp_end)
-    groups = psd_config.subset_groups or mesh.shape[sharding.DATA_AXIS]
+    groups = psd_config.subset_groups or sharding.num_batch_shards(mesh)
     psd.subset_layout(batch_size, psd_config.subset_fraction, groups)  # validates early
     use_teacher = psd_config.alpha_max > 0 and psd_config.subset_fraction > 0
 

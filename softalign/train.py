@@ -88,7 +88,7 @@ def build_run(config: Any, workdir: str) -> Run:
     """Builds mesh, tokenizer, model, optimizer, teacher, initial state and the jitted step (not yet compiled)."""
     num_devices = jax.device_count() if config.num_devices <= 0 else config.num_devices
     config_checks.validate(config, num_data_shards=num_devices, workdir=workdir)
-    mesh = sharding.make_mesh(num_devices)
+    mesh = sharding.make_mesh(num_devices, fsdp=config.fsdp)
     os.makedirs(workdir, exist_ok=True)
     tokenizer = load_tokenizer(config, workdir)
     config = resolve_config(config, tokenizer)
@@ -105,7 +105,8 @@ def build_run(config: Any, workdir: str) -> Run:
         params = model.init(jax.random.key(config.seed), images, tokens)["params"]
         return create_state(params, tx, teacher, config.seed)
 
-    state_shardings = sharding.state_sharding(mesh, jax.eval_shape(init_state))
+    state_shardings = sharding.state_sharding(mesh, jax.eval_shape(init_state), fsdp_min_size=config.fsdp_min_size,
+                                              rules=[tuple(r) for r in config.sharding_rules])
     state = jax.jit(init_state, out_shardings=state_shardings)()
     step_fn = make_train_step(model=model, tx=tx, lr_schedule=lr_schedule, teacher=teacher, psd_config=config.psd,
                               num_steps=config.num_steps, mesh=mesh, batch_size=config.batch_size,

@@ -32,11 +32,11 @@ def _setup(teacher="ema", alpha_max=0.5, fraction=0.4):
     return c, model, tx, lr, teach, params, batches
 
 
-def _run(mesh, c, model, tx, lr, teach, params, batches):
+def _run(mesh, c, model, tx, lr, teach, params, batches, fsdp_min_size=2**14):
     fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
                          num_steps=c.num_steps, mesh=mesh, batch_size=B)
     state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)  # a copy: the step donates its input
-    shardings = sharding.state_sharding(mesh, state)
+    shardings = sharding.state_sharding(mesh, state, fsdp_min_size=fsdp_min_size)
     step = jit_train_step(fn, mesh, shardings)
     state = jax.device_put(state, shardings)
     losses = []
@@ -135,3 +135,17 @@ def test_bfloat16_compute_stays_finite_and_close_to_float32():
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
         out[dtype] = losses
     np.testing.assert_allclose(out["bfloat16"], out["float32"], rtol=3e-2)
+
+
+def test_fsdp_step_equals_replicated_and_shards_the_state():
+    setup = _setup("ema")
+    rep, l_rep, _ = _run(sharding.make_mesh(8), *setup)
+    fsdp, l_fsdp, _ = _run(sharding.make_mesh(8, fsdp=8), *setup, fsdp_min_size=256)
+    np.testing.assert_allclose(l_fsdp, l_rep, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(rep.params), jax.tree.leaves(fsdp.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
+    total = sum(x.nbytes for x in jax.tree.leaves(fsdp))
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(fsdp))
+    big = sum(x.nbytes for x in jax.tree.leaves(fsdp) if x.size >= 256)
+    assert per_device <= (total - big) + big / 8 * 1.01  # every large leaf (params, Adam moments, EMA) split 8 ways
+    assert per_device < 0.3 * total, (per_device, total)
