@@ -20,7 +20,7 @@ class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` with the two items ``state`` and ``data``."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )

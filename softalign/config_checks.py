@@ -24,7 +24,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -> None:
     """Raises ``ConfigError`` for values that cannot work on ``num_data_shards`` devices."""
-    if workdir is not None:
+    if workdir is not None and "://" not in workdir:  # remote (gs://) workdirs are created by the run
         parent = os.path.dirname(os.path.abspath(workdir)) or "/"
         _require(os.path.isdir(parent), f"--workdir={workdir}: parent directory {parent} does not exist")
     _require(config.num_steps > 0, f"num_steps must be positive, got {config.num_steps}")

@@ -47,7 +47,8 @@ class TensorBoardWriter:
     """Writes TensorBoard event files into `logdir` with tensorboardX (same methods as clu MetricWriter)."""
 
     def __init__(self, logdir: str, flush_secs: int = 30):
-        os.makedirs(logdir, exist_ok=True)
+        if "://" not in logdir:  # tensorboardX creates remote (gs://, s3://) directories itself
+            os.makedirs(logdir, exist_ok=True)
         self._writer = tensorboardX.SummaryWriter(logdir=logdir, flush_secs=flush_secs)
         self.logdir = logdir
 

@@ -11,13 +11,17 @@ import functools
 import json
 import os
 import signal
+import tempfile
 from typing import Any
 
 import clu.metrics
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+from etils import epath
 
 from softalign import checkpointing, config_checks, metric_io, sharding
 from softalign.data import pipeline
@@ -41,16 +45,22 @@ def load_tokenizer(config: Any, workdir: str) -> Tokenizer:
     length = config.model.text.context_length
     if config.tokenizer.path:
         return Tokenizer.from_file(config.tokenizer.path, length)
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.exists(path):
-        return Tokenizer.from_file(path, length)
+    path = epath.Path(workdir) / TOKENIZER_FILE
+    if path.exists():
+        with tempfile.TemporaryDirectory() as tmp:  # the workdir may be remote (gs://); tokenizers reads local files
+            local = os.path.join(tmp, TOKENIZER_FILE)
+            epath.Path(local).write_bytes(path.read_bytes())
+            return Tokenizer.from_file(local, length)
     if config.data.source != "synthetic":
         raise config_checks.ConfigError("tokenizer.path is required for data sources other than 'synthetic'")
     tok = synthetic_tokenizer(length, vocab_size=config.tokenizer.vocab_size,
                               num_captions=config.tokenizer.num_captions, seed=config.data.seed)
     if jax.process_index() == 0:
-        tok.save(path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: other processes and restarts never read a partial file
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save(os.path.join(tmp, TOKENIZER_FILE))
+            staged = path.parent / (TOKENIZER_FILE + ".tmp")
+            staged.write_bytes(epath.Path(tmp, TOKENIZER_FILE).read_bytes())
+            staged.rename(path)  # other processes and restarts never read a partial file
     logging.info("Trained a BPE tokenizer (vocab %d) on synthetic captions -> %s", tok.vocab_size, path)
     return tok
 
@@ -89,7 +99,7 @@ def build_run(config: Any, workdir: str) -> Run:
     num_devices = jax.device_count() if config.num_devices <= 0 else config.num_devices
     config_checks.validate(config, num_data_shards=num_devices, workdir=workdir)
     mesh = sharding.make_mesh(num_devices, fsdp=config.fsdp)
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config, workdir)
     config = resolve_config(config, tokenizer)
     config_checks.validate(config, num_data_shards=num_devices)
@@ -137,8 +147,8 @@ def report(results: dict[str, dict[str, float]], evaluators: list[suite.Evaluato
 
 def _write_results(workdir: str, step: int, results: dict[str, dict[str, float]]) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-            json.dump({"step": step, "results": results}, f, indent=2, sort_keys=True)
+        text = json.dumps({"step": step, "results": results}, indent=2, sort_keys=True)
+        (epath.Path(workdir) / RESULTS_FILE).write_text(text)
 
 
 def _metrics_collection(names):
@@ -155,6 +165,15 @@ class _StopFlag:
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and exiting")
         self.stop = True
+
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether all processes stop after ``step``. With several processes they agree every ``every`` steps (a
+        process that saw SIGTERM runs on to that step), so all of them join the same final multi-host save."""
+        if jax.process_count() == 1:
+            return self.stop
+        if step % every:
+            return False
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.stop))))
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -204,7 +223,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]
     results: dict[str, dict[str, float]] = {}
     accumulated = None
     try:
-        while step < end and not stop_flag.stop:
+        stopping = False
+        while step < end and not stopping:
             batch = pipeline.to_global_batch(next(data_iter), batch_sharding)
             state, metrics = run.train_step(state, batch)
             step += 1
@@ -224,7 +244,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]
                     partial = evaluate(run, due, state.params)
                 _write_eval(writer, step, partial)
                 report(partial, due, step)
-            if step % config.checkpoint_every == 0 or step == end or stop_flag.stop:
+            stopping = stop_flag.agreed(step, config.log_every)
+            if step % config.checkpoint_every == 0 or step == end or stopping:
                 _check_finite(state, ckpt)
                 with progress.timed("checkpoint"):
                     ckpt.save(step, state, data_iter, force=True)
