@@ -1,11 +1,12 @@
-"""Run an embedding function over a numpy array in fixed-size batches (evaluation sets).
+"""Run an embedding function over an evaluation set in fixed-size batches.
 
-The last batch is padded, not dropped, so every call has one shape and compiles once.
+The last batch is padded, not dropped, so every call has one shape and compiles once. `embed_batches` takes any
+stream of batches (e.g. JPEGs decoded on the fly); `embed_in_batches` slices an in-memory array.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import numpy as np
@@ -42,6 +43,53 @@ def _pad_rows(batch: np.ndarray, batch_size: int) -> np.ndarray:
     return np.pad(batch, widths, mode="edge")
 
 
+def embed_batches(
+    fn: Callable[[jax.Array], jax.Array],
+    batches: Iterable[np.ndarray],
+    batch_size: int,
+    sharding: Optional[jax.sharding.Sharding] = None,
+    *,
+    jit: bool = True,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> Optional[np.ndarray]:
+    """Embeds a stream of batches of at most `batch_size` rows; returns the (rows, D) outputs, or None if empty.
+
+    Every batch is padded to `batch_size` rows, so `fn` sees one shape and compiles once; the padding rows are
+    cut from the output. Batch k+1 is produced (e.g. decoded from JPEG) while batch k runs on the device.
+    ``on_batch(batches_done, rows_done)`` is called after each batch is dispatched.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if sharding is not None:
+        shards = _num_batch_shards(sharding)
+        if batch_size % shards:
+            raise ValueError(
+                f"batch_size={batch_size} is not divisible by the {shards} devices that "
+                "the sharding splits the batch dimension over.")
+    jitted = fn if (hasattr(fn, "lower") or not jit) else jax.jit(fn)
+    outputs: list[np.ndarray] = []
+    pending = None  # (device output, real rows) of the previous batch, fetched one step behind.
+    rows = 0
+    for done, batch in enumerate(batches, start=1):
+        batch = np.asarray(batch)
+        if not 0 < batch.shape[0] <= batch_size:
+            raise ValueError(f"batch {done} has {batch.shape[0]} rows; expected 1..{batch_size}.")
+        real = batch.shape[0]
+        batch = _pad_rows(batch, batch_size)
+        batch = jax.device_put(batch, sharding) if sharding is not None else batch
+        result = jitted(batch)  # Dispatched asynchronously; fetch the previous one meanwhile.
+        if pending is not None:
+            outputs.append(_to_numpy(pending[0])[:pending[1]])
+        pending = (result, real)
+        rows += real
+        if on_batch is not None:
+            on_batch(done, rows)
+    if pending is None:
+        return None
+    outputs.append(_to_numpy(pending[0])[:pending[1]])
+    return np.concatenate(outputs, axis=0)
+
+
 def embed_in_batches(
     fn: Callable[[jax.Array], jax.Array],
     array: np.ndarray,
@@ -57,38 +105,25 @@ def embed_in_batches(
     With `sharding` each batch is device_put onto it (multi-process: all pass the same full array); quiet by default.
     Pass ``jit=False`` when `fn` already runs compiled code, e.g. ``functools.partial(jitted_apply, params)``
     (jitting a closure over parameters would bake them in as constants and recompile for every checkpoint).
+    ``progress(batches_done, num_batches)`` is called after each batch.
     """
     array = np.asarray(array)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    if sharding is not None:
-        shards = _num_batch_shards(sharding)
-        if batch_size % shards:
-            raise ValueError(
-                f"batch_size={batch_size} is not divisible by the {shards} devices that "
-                "the sharding splits the batch dimension over.")
-    jitted = fn if (hasattr(fn, "lower") or not jit) else jax.jit(fn)
-
     n = array.shape[0]
-    if n == 0:
-        spec = jax.ShapeDtypeStruct((batch_size,) + array.shape[1:], array.dtype)
-        out = jax.eval_shape(jitted, spec)
-        return np.zeros((0,) + tuple(out.shape[1:]), out.dtype)
-
     num_batches = -(-n // batch_size)
-    outputs: list[np.ndarray] = []
-    pending = None  # The previous batch's device output, fetched one step behind.
-    for b in range(num_batches):
-        batch = _pad_rows(array[b * batch_size:(b + 1) * batch_size], batch_size)
-        batch = jax.device_put(batch, sharding) if sharding is not None else batch
-        result = jitted(batch)  # Dispatched asynchronously; fetch the previous one meanwhile.
-        if pending is not None:
-            outputs.append(_to_numpy(pending))
-        pending = result
-        done = b + 1
+
+    def on_batch(done: int, rows: int) -> None:
         if log_every > 0 and (done % log_every == 0 or done == num_batches):
             logging.info("embedded %d/%d batches (%d rows)", done, num_batches, n)
         if progress is not None:
             progress(done, num_batches)
-    outputs.append(_to_numpy(pending))
-    return np.concatenate(outputs, axis=0)[:n]
+
+    batches = (array[b * batch_size:(b + 1) * batch_size] for b in range(num_batches))
+    out = embed_batches(fn, batches, batch_size, sharding, jit=jit, on_batch=on_batch)
+    if out is None:  # No rows: the output width from the function's abstract evaluation.
+        jitted = fn if (hasattr(fn, "lower") or not jit) else jax.jit(fn)
+        spec = jax.ShapeDtypeStruct((batch_size,) + array.shape[1:], array.dtype)
+        shape = jax.eval_shape(jitted, spec)
+        return np.zeros((0,) + tuple(shape.shape[1:]), shape.dtype)
+    return out

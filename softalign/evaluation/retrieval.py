@@ -1,13 +1,18 @@
-"""Image-text retrieval metrics (Recall@K, mean/median rank) as defined by CLIP_benchmark.
+"""Image-text retrieval metrics (Recall@K, mean/median rank) as defined by CLIP_benchmark, and the ``retrieval``
+evaluator (any caption dataset spec; by default the training source's held-out split).
 
-Several captions per image: an image query is a hit if any of its captions ranks in the top K.
+Several captions per image: an image query is a hit if any of its captions ranks in the top K; a caption query is
+a hit if its image ranks in the top K.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from softalign.evaluation import base
+from softalign.evaluation.datasets import load_captions
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -86,3 +91,34 @@ def retrieval_chance(num_images: int, num_texts: int, captions_per_image: int, k
     for i in range(min(k, num_texts)):
         miss *= max(num_texts - captions_per_image - i, 0) / (num_texts - i)
     return {f"i2t_R@{k}": 1.0 - miss, f"t2i_R@{k}": min(k, num_images) / num_images}
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+
+@base.register_evaluator("retrieval")
+def build_retrieval(name: str, options: Any, ctx: base.EvalContext) -> base.Evaluator:
+    """``evals.<name> = {kind: 'retrieval', dataset: {...}, ks: (1, 5, 10)}``. Without ``dataset``: the training
+    source's ``split`` ['heldout'] (a random subset of ``max_examples`` records; all by default)."""
+    options = base.options_of(name, options, ("dataset", "split", "max_examples", "ks"))
+    spec = options.get("dataset")
+    if spec is None:
+        spec = dict(type="source", split=options.get("split") or "heldout", max_examples=options.get("max_examples"))
+    elif options.get("split") or options.get("max_examples"):
+        raise base.ConfigError(f"evals.{name}: give split/max_examples inside 'dataset', not next to it")
+    data = load_captions(spec, ctx.images, where=f"evals.{name}.dataset")
+    tokens = ctx.tokenizer.encode_batch(data.captions)
+    ks = tuple(int(k) for k in (options.get("ks") or (1, 5, 10)))
+
+    def run(encode_image, encode_text):
+        img, kept = ctx.embed_images(encode_image, data.images, f"{name}: images")
+        captions, owners = data.keep_images(kept)
+        txt = ctx.embed_tokens(encode_text, tokens[captions], f"{name}: captions")
+        return base.with_skipped(retrieval_metrics(img, txt, owners, ks), data.images)
+
+    n, t = len(data.images), len(data.captions)
+    per_image = max(1, min(t, int(round(t / n))))
+    chance: dict[str, float] = {}
+    for k in ks:
+        chance.update(retrieval_chance(n, t, per_image, k))
+    return base.Evaluator(name, base.every_of(options), run, chance, num_images=n)
