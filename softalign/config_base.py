@@ -73,10 +73,10 @@ def demo_config() -> ml_collections.ConfigDict:
     c.data.image_size = 32
     c.data.train_size = 100_000
     c.batch_size = 128
-    c.num_steps = 400
+    c.num_steps = 300
     c.optim.lr = 2e-3
-    c.optim.warmup_steps = 40
+    c.optim.warmup_steps = 30
     c.optim.weight_decay = 0.1
     c.log_every = 50
-    c.checkpoint_every = 200
+    c.checkpoint_every = 100
     return c
