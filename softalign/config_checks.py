@@ -68,5 +68,5 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     o = config.optim
     _require(o.lr > 0 and o.warmup_steps >= 0 and o.weight_decay >= 0,
              "optim.lr must be positive; optim.warmup_steps and optim.weight_decay non-negative")
-    _require(config.data.train_size >= config.batch_size,
+    _require(config.data.source != "synthetic" or config.data.train_size >= config.batch_size,
              f"data.train_size={config.data.train_size} is smaller than one global batch ({config.batch_size})")

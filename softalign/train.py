@@ -25,7 +25,8 @@ from etils import epath
 
 from softalign import checkpointing, config_checks, metric_io, sharding
 from softalign.data import pipeline
-from softalign.data.tokenizer import Tokenizer, synthetic_tokenizer
+from softalign.data.sources import sample_captions
+from softalign.data.tokenizer import Tokenizer, corpus_tokenizer, synthetic_tokenizer
 from softalign.evaluation import suite
 from softalign.models import CLIP, build_model
 from softalign.optim import make_optimizer
@@ -52,16 +53,18 @@ def load_tokenizer(config: Any, workdir: str) -> Tokenizer:
             epath.Path(local).write_bytes(path.read_bytes())
             return Tokenizer.from_file(local, length)
     if config.data.source != "synthetic":
-        raise config_checks.ConfigError("tokenizer.path is required for data sources other than 'synthetic'")
-    tok = synthetic_tokenizer(length, vocab_size=config.tokenizer.vocab_size,
-                              num_captions=config.tokenizer.num_captions, seed=config.data.seed)
+        tok = corpus_tokenizer(sample_captions(config.data, config.tokenizer.num_captions), length,
+                               vocab_size=config.tokenizer.vocab_size)
+    else:
+        tok = synthetic_tokenizer(length, vocab_size=config.tokenizer.vocab_size,
+                                  num_captions=config.tokenizer.num_captions, seed=config.data.seed)
     if jax.process_index() == 0:
         with tempfile.TemporaryDirectory() as tmp:
             tok.save(os.path.join(tmp, TOKENIZER_FILE))
             staged = path.parent / (TOKENIZER_FILE + ".tmp")
             staged.write_bytes(epath.Path(tmp, TOKENIZER_FILE).read_bytes())
             staged.rename(path)  # other processes and restarts never read a partial file
-    logging.info("Trained a BPE tokenizer (vocab %d) on synthetic captions -> %s", tok.vocab_size, path)
+    logging.info("Trained a BPE tokenizer (vocab %d) on %s captions -> %s", tok.vocab_size, config.data.source, path)
     return tok
 
 
@@ -237,6 +240,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]
             if step % config.log_every == 0 or step == end:
                 _check_finite(state, ckpt)
                 writer.write_scalars(step, {f"train/{k}": v for k, v in accumulated.compute().items()})
+                data_metrics = pipeline.data_metrics()  # data/skipped/<reason>, data/caption_noise/*, ...
+                if data_metrics:
+                    writer.write_scalars(step, data_metrics)
                 accumulated = None
             due = [ev for ev in evaluators if ev.every > 0 and ev.due(step, last) and step != last]
             if due:
@@ -257,6 +263,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]
             _write_results(workdir, step, results)
     finally:
         stop_flag.restore()
+        data_iter.close()  # stops Grain worker processes, if any
         ckpt.close()
         writer.flush()
     return results

@@ -10,12 +10,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "pipeline": ("CLIP_MEAN", "CLIP_STD", "default_data_config", "make_eval_arrays", "make_eval_split",
-                 "make_train_dataset", "make_train_iterator", "normalize_images", "to_global_batch"),
-    "sources": ("available_sources", "build_source", "register_source"),
+    "pipeline": ("CLIP_MEAN", "CLIP_STD", "data_metrics", "default_data_config", "make_eval_arrays",
+                 "make_eval_split", "make_train_dataset", "make_train_iterator", "normalize_images",
+                 "to_global_batch"),
+    "sources": ("available_sources", "build_source", "register_source", "sample_captions"),
     "synthetic": ("COLORS", "POSITIONS", "SHAPES", "SIZES", "SyntheticScenes", "attribute_classnames",
                   "attribute_prompts", "caption_corpus"),
-    "tokenizer": ("Tokenizer", "synthetic_tokenizer"),
+    "tokenizer": ("Tokenizer", "corpus_tokenizer", "synthetic_tokenizer"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

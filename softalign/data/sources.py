@@ -1,14 +1,25 @@
 """Registry of data sources: ``build_source(data_config, split)`` dispatches on ``data_config.source``.
 
 A builder is ``fn(data_config, split) -> source`` where the source is a Grain random-access data source
-(``__len__``, ``__getitem__(i) -> {'image': uint8 (H, W, 3), 'caption': str, 'index': int, ...}``).
-New backends ('arrayrecord', 'tfds', 'webdataset', 'folder', ...) plug in with ``@register_source(name)``.
+(``__len__``, ``__getitem__(i) -> raw record``): ``{'image': uint8 (H, W, 3) or encoded bytes, 'caption': str or
+'captions': [str|bytes, ...], 'index': int, ...}``; `softalign.data.decode` validates and decodes it in the Grain
+map stage. Backends: 'synthetic' (here), 'arrayrecord', 'webdataset', 'folder', 'tfds' (their own modules, imported
+at the end of this file); more plug in with ``@register_source(name)``.
+
+Splits: the pipeline asks for 'train' and evaluators for 'heldout' (or a name of their own); real sources map
+'train' -> ``data.train_split`` and 'heldout' -> ``data.heldout_split`` (`resolve_split`). For split 'train',
+``data.caption_noise`` > 0 wraps any non-synthetic source in `noise.NoisyCaptions`.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
+
+import numpy as np
+from absl import logging
 
 from softalign.data.synthetic import SPLITS, SyntheticScenes
 
@@ -47,7 +58,74 @@ def build_source(data_config: Any, split: str) -> Source:
     name = data_config.get("source", "synthetic")
     if name not in _BUILDERS:
         raise ValueError(f"unknown data source {name!r}; known sources: {available_sources()}")
-    return _BUILDERS[name](data_config, split)
+    source = _BUILDERS[name](data_config, split)
+    rate = float(data_config.get("caption_noise", 0.0) or 0.0)
+    if split == "train" and rate > 0.0 and name != "synthetic":
+        from softalign.data import noise, skips
+        source = noise.NoisyCaptions(source, rate, seed=int(data_config.get("seed", 0) or 0))
+        skips.set_gauge("caption_noise/dataset_rate", source.realised_rate)
+        logging.info("caption_noise=%g: %.4f of %d training records have a swapped caption", rate,
+                     source.realised_rate, len(source))
+    return source
+
+
+def resolve_split(data_config: Any, split: str) -> str:
+    """The dataset's own split name: 'train' -> data.train_split, 'heldout' -> data.heldout_split, else as given."""
+    if split == "train":
+        return str(data_config.get("train_split", "train") or "train")
+    if split == "heldout":
+        return str(data_config.get("heldout_split", "val") or "val")
+    return split
+
+
+def shard_paths(pattern: str, split: str, extension: str, *, train: bool = False) -> list[str]:
+    """Shard files of `split` named by `pattern`: a folder (its ``<split>-*<extension>`` files, else the files in
+    its ``<split>/`` subfolder, else -- for the train split only -- all its ``*<extension>`` files), a glob, or a
+    comma-separated list of these. ``{split}`` in the pattern is replaced by the split name."""
+    if not pattern:
+        raise ValueError("data.path is empty: set it to the folder (or glob/list) of the dataset's shards")
+    files: list[str] = []
+    for part in (p.strip() for p in pattern.replace("{split}", split).split(",")):
+        if not part:
+            continue
+        part = os.path.expanduser(part)
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, f"{split}-*{extension}")))
+            if not found and os.path.isdir(os.path.join(part, split)):
+                found = sorted(glob.glob(os.path.join(part, split, f"*{extension}")))
+            if not found and train:
+                found = sorted(glob.glob(os.path.join(part, f"*{extension}")))
+            files.extend(found)
+        elif any(ch in part for ch in "*?["):
+            files.extend(sorted(glob.glob(part)))
+        elif os.path.exists(part):
+            files.append(part)
+        else:
+            raise ValueError(f"{part}: no such file or folder")
+    if not files:
+        raise ValueError(f"no {extension} shards for split {split!r} in {pattern!r}")
+    return files
+
+
+def sample_captions(data_config: Any, num: int, split: str = "train") -> list[str]:
+    """Up to `num` usable captions from records spread evenly over the split (for fitting a tokenizer)."""
+    from softalign.data import decode, noise
+    from softalign.data.skips import BadRecord
+    if data_config.get("source", "synthetic") == "synthetic":
+        from softalign.data.synthetic import caption_corpus
+        return caption_corpus(num, seed=int(data_config.get("seed", 0)))
+    source = _BUILDERS[data_config.get("source")](data_config, split)   # no caption noise here
+    n = len(source)
+    captions: list[str] = []
+    for position in np.linspace(0, n - 1, min(n, max(num, 1))).astype(np.int64):
+        for caption in noise.captions_of(source, int(position)):
+            try:
+                captions.append(decode.check_caption(caption))
+            except BadRecord:
+                pass
+    if len(captions) > num:   # multi-caption records: thin out evenly
+        captions = [captions[i] for i in np.linspace(0, len(captions) - 1, num).astype(np.int64)]
+    return captions[:num]
 
 
 @register_source("synthetic")
@@ -66,3 +144,7 @@ def _build_synthetic(data_config: Any, split: str) -> SyntheticScenes:
         caption_noise=float(data_config.get("caption_noise", 0.0)) if split == "train" else 0.0,
         single_object=bool(data_config.get("single_object", False)),
     )
+
+
+# Backends register themselves on import (kept last: they import `register_source` from this module).
+from softalign.data import arrayrecord, folder, tfds_source, webdataset  # noqa: E402,F401

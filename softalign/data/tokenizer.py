@@ -5,8 +5,9 @@ holds ``eot`` (the text tower pools there). Works with any tokenizer.json (e.g. 
 ``<|startoftext|>``/``<|endoftext|>`` and which has no pad: pad id 0) or with a byte-level BPE trained here.
 
 CLI: ``python -m softalign.data.tokenizer --captions=FILE --vocab_size=N --output=tokenizer.json``
-(FILE: one caption per line, or a CSV/TSV with a 'caption' column; without --captions it trains on synthetic
-captions).
+(FILE: one caption per line, or a CSV/TSV -- also a .txt whose first line is a header -- with a 'caption' column),
+or ``--source=arrayrecord --path=DIR`` to sample captions from any registered data source; with neither it trains
+on synthetic captions.
 """
 
 from __future__ import annotations
@@ -144,11 +145,35 @@ def synthetic_tokenizer(context_length: int, vocab_size: int = 1024, num_caption
     return Tokenizer.train_bpe(caption_corpus(num_captions, seed=seed), vocab_size, context_length)
 
 
+def corpus_tokenizer(captions: Iterable[str], context_length: int, vocab_size: int = 1024,
+                     min_frequency: int = 2) -> Tokenizer:
+    """Byte-level BPE fitted to a dataset's own captions (e.g. ``sources.sample_captions(data_config, n)``);
+    blank captions are ignored."""
+    texts = [c for c in (str(c) for c in captions) if c.strip()]
+    if not texts:
+        raise ValueError("corpus_tokenizer: no non-empty captions to train on")
+    return Tokenizer.train_bpe(texts, vocab_size, context_length, min_frequency)
+
+
+def _has_caption_header(path: str) -> str | None:
+    """',' or '\t' when the file's first line is a CSV/TSV header with a 'caption' column, else None."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline().strip().lower()
+    for delimiter in (",", "\t"):
+        if "caption" in [c.strip() for c in first.split(delimiter)]:
+            return delimiter
+    return None
+
+
 def read_captions(path: str) -> list[str]:
-    """Captions from a text file (one per line) or a CSV/TSV with a 'caption' column."""
-    if path.lower().endswith((".csv", ".tsv")):
+    """Captions from a text file (one per line) or a CSV/TSV with a 'caption' column (any extension when the
+    first line is such a header, e.g. Flickr8k's captions.txt)."""
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+    if not path.lower().endswith((".csv", ".tsv")):
+        delimiter = _has_caption_header(path)
+    if delimiter is not None:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
+            reader = csv.DictReader(f, delimiter=delimiter)
             if "caption" not in (reader.fieldnames or ()):
                 raise ValueError(f"{path}: no 'caption' column (columns: {reader.fieldnames})")
             captions = [row["caption"] or "" for row in reader]
@@ -169,8 +194,19 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--min_frequency", type=int, default=2)
     parser.add_argument("--num_synthetic", type=int, default=20_000,
                         help="synthetic captions to train on when --captions is not given")
+    parser.add_argument("--source", default=None,
+                        help="sample captions from this data source instead (arrayrecord, webdataset, folder, tfds)")
+    parser.add_argument("--path", default="", help="the source's data.path")
+    parser.add_argument("--name", default="", help="the source's data.name (tfds)")
+    parser.add_argument("--split", default="train", help="the source's split to sample")
+    parser.add_argument("--num_captions", type=int, default=100_000, help="captions to sample from --source")
     args = parser.parse_args(argv)
-    if args.captions:
+    if args.source:
+        from softalign.data.sources import sample_captions
+        data_config = {"source": args.source, "path": args.path, "name": args.name, "train_split": args.split}
+        captions = sample_captions(data_config, args.num_captions)
+        origin = f"{args.source}:{args.path or args.name}"
+    elif args.captions:
         captions, origin = read_captions(args.captions), args.captions
     else:
         from softalign.data.synthetic import caption_corpus
