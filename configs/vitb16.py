@@ -8,8 +8,8 @@ Hyper-parameters follow the common CLIP recipe for a CC12M-sized dataset (open_c
   eps 1e-6, weight decay 0.2 on matmul weights only, 2k warmup steps then cosine to 0, gradient clipping at 1.0,
   32 epochs of ~10M pairs = 78k steps. PSD: alpha_max 0.5 ramped linearly over the whole run, EMA teacher
   (momentum 0.999) on half of each batch, tau_d = 1 (the teacher keeps its own logit scale).
-The data source is wired up by the real-data work (webdataset shards); until then this config stops with a clear
-error naming the missing source.
+Data: img2dataset webdataset shards (NNNNN.tar with key.jpg/key.txt) under data.path; any other source works
+with --config.data.source=arrayrecord|folder|tfds.
 """
 
 from softalign.config_base import base_config

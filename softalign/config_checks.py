@@ -53,6 +53,11 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     known = available_sources()
     _require(config.data.source in known,
              f"data.source={config.data.source!r} is not available; known sources: {known}")
+    source = config.data.source
+    _require(source in ("synthetic", "tfds") or bool(config.data.get("path", "")),
+             f"data.path is required for data.source={source!r}: point it at the dataset's files")
+    tok = config.tokenizer.path
+    _require(not tok or "://" in tok or os.path.exists(tok), f"tokenizer.path={tok} does not exist")
     p = config.psd
     _require(p.teacher in TEACHERS, f"psd.teacher={p.teacher!r} is not one of {sorted(TEACHERS)}")
     _require(p.ramp in psd.RAMPS, f"psd.ramp={p.ramp!r} is not one of {psd.RAMPS}")

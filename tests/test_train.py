@@ -135,3 +135,13 @@ def test_sigterm_saves_and_exits_cleanly_and_kill9_loses_nothing(tmp_path):
     _wait_for(tmp_path / "c.log", "Restored checkpoint at step", proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.data.source=webdataset"], "data.path is required for data.source='webdataset'"),
+    (["--config.tokenizer.path=/nonexistent/tokenizer.json"], "tokenizer.path=/nonexistent/tokenizer.json does not exist"),
+    (["--config.data.source=parquet"], "data.source='parquet' is not available"),
+])
+def test_bad_data_config_fails_fast(tmp_path, overrides, message):
+    r = _main(str(tmp_path / "w"), *overrides)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
