@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from softalign import cli
+
 flags.DEFINE_string("workdir", None, "The training run's directory (checkpoints/, tokenizer.json).")
 config_flags.DEFINE_config_file("config", None, "The run's config file (configs/*.py).", lock_config=True)
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -259,9 +261,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from softalign import config_checks
 
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.INFO)
-        logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.setup_logging()
     try:
         extra = json.loads(FLAGS.evals) if FLAGS.evals else {}
         if not isinstance(extra, dict):
@@ -279,29 +279,9 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
-class _QuietLibraries:
-    """Drops INFO chatter from checkpointing/data libraries (warnings still show); ``-v 0`` shows everything."""
-
-    NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/tensorboardX/", "/tensorflow_datasets/")
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(part in record.pathname for part in self.NOISY)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with config override mistakes reported in one line (as softalign.main does)."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"softalign: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError) as e:
-        print(f"softalign: config error: unknown config key {e}", file=sys.stderr)
-        sys.exit(2)
-    except (TypeError, ValueError) as e:
-        print(f"softalign: config error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

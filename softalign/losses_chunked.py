@@ -45,7 +45,6 @@ def _teacher_chunk(logits, tq, tk, t_scale, tvalid, real, tau, use_self):
 
 
 def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk, use_self):
-    b = q.shape[0]
     k_chunks, real, cols = _chunks(keys, jnp.ones(keys.shape[0], bool), chunk)
     tk_chunks, tv, _ = _chunks(tkeys, tvalid, chunk)
     zeros = q[:, 0] * 0  # derived from q so that, inside shard_map, the scan carry varies over devices like q

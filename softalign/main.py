@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from softalign import cli
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and evaluation results.")
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -21,13 +23,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-class _QuietLibraries:
-    """Drops INFO chatter from checkpointing/data libraries (warnings still show); ``-v 0`` shows everything."""
-
-    NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/tensorboardX/")
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(part in record.pathname for part in self.NOISY)
 
 
 def main(argv: list[str]) -> None:
@@ -37,9 +32,7 @@ def main(argv: list[str]) -> None:
 
     distributed.initialize(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.INFO)
-        logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.setup_logging()
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except config_checks.ConfigError as e:
@@ -50,24 +43,7 @@ def main(argv: list[str]) -> None:
         sys.exit(3)
 
 
-def _overrides(argv: list[str]) -> str:
-    return " ".join(a for a in argv[1:] if a.startswith("--config."))
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with config override mistakes (e.g. an unknown key) reported in one line."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"softalign: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError) as e:
-        print(f"softalign: config error: unknown config key {e} in {_overrides(argv)}", file=sys.stderr)
-        sys.exit(2)
-    except (TypeError, ValueError) as e:
-        print(f"softalign: config error: cannot apply {_overrides(argv)}: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
