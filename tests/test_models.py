@@ -246,3 +246,33 @@ def test_activations_match_torch_definitions():
     erf_gelu = 0.5 * x * (1.0 + jax.scipy.special.erf(x / jnp.sqrt(2.0)))
     np.testing.assert_allclose(exact_gelu(x), erf_gelu, atol=1e-6)
     np.testing.assert_allclose(quick_gelu(x), x / (1.0 + jnp.exp(-1.702 * x)), atol=1e-6)
+
+
+def test_scan_layers_matches_unrolled_blocks():
+    """model.scan_layers stacks the blocks' params along depth; with the same weights the outputs are identical."""
+    cfg = model_preset("demo")
+    cfg.text.eot_id = 2
+    unrolled = build_model(cfg)
+    cfg_scan = model_preset("demo")
+    cfg_scan.text.eot_id = 2
+    cfg_scan.scan_layers = True
+    scanned = build_model(cfg_scan)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    tokens = jnp.asarray([[1, 5, 6, 2] + [0] * 20] * 2, jnp.int32)
+    params = unrolled.init(jax.random.key(0), images, tokens)["params"]
+    scan_shapes = jax.eval_shape(scanned.init, jax.random.key(0), images, tokens)["params"]
+    assert sum(x.size for x in jax.tree.leaves(scan_shapes)) == sum(x.size for x in jax.tree.leaves(params))
+
+    def stack(tower):
+        t = dict(tower)
+        blocks = [t["transformer"].pop(f"resblocks_{i}") for i in range(cfg.vision.depth)]
+        t["transformer"] = {"resblocks": {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}}
+        return t
+
+    p = jax.tree.map(lambda x: x, params)
+    stacked = {"logit_scale": p["logit_scale"], "vision": stack(p["vision"]), "text": stack(p["text"])}
+    assert jax.tree.structure(stacked) == jax.tree.structure(scan_shapes)
+    a = unrolled.apply({"params": params}, images, tokens)
+    b = scanned.apply({"params": stacked}, images, tokens)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)

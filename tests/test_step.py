@@ -149,3 +149,16 @@ def test_fsdp_step_equals_replicated_and_shards_the_state():
     big = sum(x.nbytes for x in jax.tree.leaves(fsdp) if x.size >= 256)
     assert per_device <= (total - big) + big / 8 * 1.01  # every large leaf (params, Adam moments, EMA) split 8 ways
     assert per_device < 0.3 * total, (per_device, total)
+
+
+def test_remat_gives_the_same_steps_and_scan_layers_trains():
+    c, model, tx, lr, teach, params, batches = _setup("ema")
+    _, plain, _ = _run(sharding.make_mesh(1), c, model, tx, lr, teach, params, batches)
+    c.model.remat = True
+    _, remat, _ = _run(sharding.make_mesh(1), c, build_model(c.model), tx, lr, teach, params, batches)
+    np.testing.assert_allclose(remat, plain, rtol=1e-5)
+    c.model.scan_layers = True
+    scanned = build_model(c.model)
+    p = scanned.init(jax.random.key(0), batches[0]["image"][:1], batches[0]["tokens"][:1])["params"]
+    _, losses, _ = _run(sharding.make_mesh(1), c, scanned, tx, lr, teach, p, batches)
+    assert all(np.isfinite(losses))

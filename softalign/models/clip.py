@@ -56,6 +56,7 @@ class CLIP(nn.Module):
         cfg = self.config
         dtype = compute_dtype(cfg.dtype)
         remat = bool(cfg.get("remat", False))
+        scan = bool(cfg.get("scan_layers", False))
         v, t = cfg.vision, cfg.text
         self.vision = VisionTransformer(
             image_size=v.image_size,
@@ -69,6 +70,7 @@ class CLIP(nn.Module):
             activation=cfg.activation,
             dtype=dtype,
             remat=remat,
+            scan=scan,
         )
         self.text = TextTransformer(
             vocab_size=t.vocab_size,
@@ -82,6 +84,7 @@ class CLIP(nn.Module):
             activation=cfg.activation,
             dtype=dtype,
             remat=remat,
+            scan=scan,
         )
         init_value = math.log(cfg.get("logit_scale_init", 1.0 / 0.07))
         self.logit_scale = self.param(

@@ -167,10 +167,22 @@ class ResidualBlock(nn.Module):
         return x + y.astype(jnp.float32)
 
 
+class _ScannedBlock(nn.Module):
+    """One residual block in ``nn.scan``'s carry form ``(x, _) -> (x, None)``."""
+
+    kwargs: dict
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        return ResidualBlock(**self.kwargs, name="block")(x), None
+
+
 class Transformer(nn.Module):
     """A stack of `depth` residual blocks named resblocks_0 .. resblocks_{depth-1}.
 
     `remat=True` rematerialises each block's activations in the backward pass (less memory, ~1/3 more compute).
+    `scan=True` runs one block under ``nn.scan`` with parameters stacked along a leading depth axis
+    (``resblocks/block/...``): compile time stops growing with depth; the maths is the same.
     """
 
     width: int
@@ -181,9 +193,17 @@ class Transformer(nn.Module):
     causal: bool = False
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.scan:
+            kwargs = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                          activation=self.activation, causal=self.causal, dtype=self.dtype, depth=self.depth)
+            body = nn.remat(_ScannedBlock) if self.remat else _ScannedBlock
+            stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
+            x, _ = stack(kwargs, name="resblocks")(x, None)
+            return x
         block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
         for i in range(self.depth):
             x = block_cls(

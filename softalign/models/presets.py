@@ -36,6 +36,7 @@ def _make(
     cfg.logit_scale_init = 1.0 / 0.07
     cfg.logit_scale_max = 100.0
     cfg.remat = False
+    cfg.scan_layers = False  # nn.scan over each tower's blocks (stacked params; compile time independent of depth)
 
     cfg.vision = ml_collections.ConfigDict()
     cfg.vision.image_size = image_size

@@ -42,6 +42,7 @@ class TextTransformer(nn.Module):
     activation: str = "gelu"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -68,6 +69,7 @@ class TextTransformer(nn.Module):
             causal=True,
             dtype=self.dtype,
             remat=self.remat,
+            scan=self.scan,
             name="transformer",
         )(x)
         x = layer_norm("ln_final")(x)

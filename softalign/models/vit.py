@@ -34,6 +34,7 @@ class VisionTransformer(nn.Module):
     activation: str = "gelu"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @property
     def grid_size(self) -> int:
@@ -87,6 +88,7 @@ class VisionTransformer(nn.Module):
             causal=False,
             dtype=self.dtype,
             remat=self.remat,
+            scan=self.scan,
             name="transformer",
         )(x)
         x = layer_norm("ln_post")(x)
