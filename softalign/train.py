@@ -159,14 +159,19 @@ def _metrics_collection(names):
 
 
 class _StopFlag:
-    """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
+    """Set by SIGTERM (preemption) or Ctrl-C: the loop saves a checkpoint and exits cleanly. A second Ctrl-C
+    interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.stop = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.warning("%s received: saving a checkpoint and exiting", signal.Signals(signum).name)
         self.stop = True
 
     def agreed(self, step: int, every: int) -> bool:
@@ -179,7 +184,8 @@ class _StopFlag:
         return bool(np.max(multihost_utils.process_allgather(np.int32(self.stop))))
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
