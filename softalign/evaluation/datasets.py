@@ -22,151 +22,23 @@ and normalised with the data config's mean/std (`softalign.data.pipeline`); unre
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
-import dataclasses
 import json
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from absl import logging
 
 from softalign.config_checks import ConfigError
 from softalign.data import synthetic
-from softalign.data.pipeline import CLIP_MEAN, CLIP_STD
 from softalign.data.sources import build_source
-from softalign.evaluation.images import DEFAULT_CACHE_BYTES, ImageSet
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-_COMMON_KEYS = ("type", "name", "max_examples", "subset_seed", "cache_mb")
-_CLASS_KEYS = ("classnames", "classnames_file")
-_SPLIT_NAMES = ("train", "test", "val", "valid", "validation", "eval", "heldout")
-_ZEROSHOT_SEED_OFFSET = 7919  # synthetic zero-shot scenes use their own stream (as the suite always has)
-
-
-@dataclasses.dataclass
-class ImageContext:
-    """What loaders need from the run: the model's image size and normalisation, and the data config."""
-
-    image_size: int
-    mean: Sequence[float] = CLIP_MEAN
-    std: Sequence[float] = CLIP_STD
-    data_config: Any = None
-    num_threads: Optional[int] = None
-
-    @classmethod
-    def from_data_config(cls, data_config: Any) -> "ImageContext":
-        return cls(int(data_config.image_size), tuple(data_config.get("mean", None) or CLIP_MEAN),
-                   tuple(data_config.get("std", None) or CLIP_STD), data_config)
-
-
-@dataclasses.dataclass
-class ClassificationData:
-    """Images with one label each; ``labels[i]`` indexes ``classnames``."""
-
-    name: str
-    images: ImageSet
-    labels: np.ndarray
-    classnames: list[str]
-    templates_key: str = ""  # which per-dataset zero-shot templates apply; default: `name`
-
-    def __post_init__(self):
-        self.templates_key = self.templates_key or self.name
-
-
-@dataclasses.dataclass
-class CaptionData:
-    """Images with one or more captions each; ``text_to_image[j]`` is caption j's image."""
-
-    name: str
-    images: ImageSet
-    captions: list[str]
-    text_to_image: np.ndarray
-
-    def keep_images(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For images `kept` (ordered indices into `images`): (the caption indices that belong to them,
-        each one's position in `kept`), i.e. the retrieval ground truth once unreadable images are left out."""
-        position = np.full(len(self.images), -1, np.int64)
-        position[kept] = np.arange(len(kept))
-        mapped = position[self.text_to_image]
-        captions = np.flatnonzero(mapped >= 0)
-        return captions, mapped[captions]
-
-
-def as_dict(spec: Any) -> dict[str, Any]:
-    """A plain dict from a ConfigDict / mapping (None -> {})."""
-    if spec is None:
-        return {}
-    if hasattr(spec, "to_dict"):
-        return spec.to_dict()
-    return dict(spec)
-
-
-def check_keys(where: str, spec: dict[str, Any], allowed: Sequence[str]) -> None:
-    """Raises ConfigError naming any key of `spec` that is not in `allowed` (catches typos)."""
-    unknown = sorted(set(spec) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(allowed)}")
-
-
-def _require_path(where: str, key: str, path: str, *, directory: bool) -> str:
-    ok = os.path.isdir(path) if directory else os.path.isfile(path)
-    if not path or not ok:
-        kind = "directory" if directory else "file"
-        raise ConfigError(f"{where}.{key}={path!r}: no such {kind}")
-    return path
-
-
-def _subset(n: int, spec: dict[str, Any]) -> np.ndarray:
-    """Indices of a seeded random subset of ``max_examples`` of n items (all if unset), in increasing order."""
-    limit = spec.get("max_examples")
-    if limit is None or int(limit) <= 0 or int(limit) >= n:
-        return np.arange(n)
-    rng = np.random.default_rng(int(spec.get("subset_seed") or 0))
-    return np.sort(rng.choice(n, int(limit), replace=False))
-
-
-def _image_set(ctx: ImageContext, spec: dict[str, Any], name: str, num: int, read: Callable[[int], Any],
-               describe: Optional[Callable[[int], str]] = None) -> ImageSet:
-    cache_mb = spec.get("cache_mb")
-    cache = DEFAULT_CACHE_BYTES if cache_mb is None else int(float(cache_mb) * 2 ** 20)
-    return ImageSet(num, read, image_size=ctx.image_size, mean=ctx.mean, std=ctx.std, name=name,
-                    describe=describe, cache_bytes=cache, num_threads=ctx.num_threads)
-
-
-def clean_classname(name: Any) -> str:
-    """'tabby_cat' -> 'tabby cat' (bytes decoded, underscores read as spaces)."""
-    if isinstance(name, bytes):
-        name = name.decode("utf-8")
-    return str(name).replace("_", " ").strip()
-
-
-def _classnames(where: str, spec: dict[str, Any], found: Sequence[str]) -> list[str]:
-    """`found` (cleaned), unless the spec gives ``classnames`` or a ``classnames_file`` (one per line)."""
-    names: Optional[list[str]] = None
-    if spec.get("classnames"):
-        names = [str(c) for c in spec["classnames"]]
-    elif spec.get("classnames_file"):
-        path = _require_path(where, "classnames_file", spec["classnames_file"], directory=False)
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
-    if names is None:
-        return [clean_classname(c) for c in found]
-    if len(names) != len(found):
-        raise ConfigError(f"{where}: {len(names)} class names given for a dataset with {len(found)} classes")
-    return names
-
-
-def _default_name(path: str) -> str:
-    """A dataset name from a folder path: '.../cifar10/test' -> 'cifar10' (split-like leaf names skipped)."""
-    parts = [p for p in os.path.normpath(os.path.abspath(path)).split(os.sep) if p]
-    while len(parts) > 1 and parts[-1].lower() in _SPLIT_NAMES + ("images",):
-        parts.pop()
-    return parts[-1].lower() if parts else "dataset"
-
-
-# ----------------------------------------------------------------------------- image folder
+from softalign.evaluation.dataset_base import (  # noqa: F401  (re-exported)
+    _CLASS_KEYS, _COMMON_KEYS, _SPLIT_NAMES, _ZEROSHOT_SEED_OFFSET, IMAGE_EXTENSIONS, CaptionData, ClassificationData,
+    ImageContext, _classnames, _default_name, _image_set, _require_path, _subset, as_dict, check_keys,
+    clean_classname,
+)
+from softalign.evaluation.tfds_eval import _texts, _tfds
 
 
 def _folder(spec: dict[str, Any], ctx: ImageContext, where: str) -> ClassificationData:
@@ -270,104 +142,6 @@ def _coco(spec: dict[str, Any], ctx: ImageContext, where: str) -> CaptionData:
         raise ConfigError(f"{where}.annotations: no image has a caption")
     name = spec.get("name") or os.path.splitext(os.path.basename(spec["annotations"]))[0]
     return _caption_data(name, ctx, spec, image_dir, order, captions)
-
-
-# ----------------------------------------------------------------------------- TFDS
-
-
-def _tfds_get(record: Any, key: str) -> Any:
-    """record['a/b'] -> record['a']['b'] (nested features such as COCO's captions/text)."""
-    for part in key.split("/"):
-        record = record[part]
-    return record
-
-
-def _texts(value: Any) -> list[str]:
-    values = np.asarray(value, dtype=object).reshape(-1)
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
-
-
-def _tfds_caption_key(features: Any) -> Optional[str]:
-    for key in ("captions/text", "caption", "captions", "text"):
-        try:
-            _tfds_get(features, key)
-            return key
-        except (KeyError, TypeError):
-            continue
-    return None
-
-
-def _tfds(spec: dict[str, Any], ctx: ImageContext, where: str, task: str) -> Any:
-    check_keys(where, spec, _COMMON_KEYS + _CLASS_KEYS + ("split", "data_dir", "download", "image_key",
-                                                           "label_key", "caption_key"))
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ConfigError(f"{where}: type 'tfds' needs tensorflow-datasets (pip install tensorflow-datasets)") from None
-    if not spec.get("name"):
-        raise ConfigError(f"{where}.name: the TFDS dataset name (e.g. 'cifar10') is required")
-    tfds_name, split = spec["name"], spec.get("split") or "test"
-    try:
-        source = tfds.data_source(tfds_name, split=split, data_dir=spec.get("data_dir") or None,
-                                  download=bool(spec.get("download", False)))
-    except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; the message is what the user needs.
-        raise ConfigError(f"{where}: tfds.data_source({tfds_name!r}, split={split!r}) failed: "
-                          f"{type(e).__name__}: {e}") from None
-    info = getattr(source, "dataset_info", None) or tfds.builder(tfds_name, data_dir=spec.get("data_dir") or None).info
-    features = info.features
-    image_key = spec.get("image_key") or "image"
-    if image_key not in features:
-        raise ConfigError(f"{where}.image_key={image_key!r} is not a feature of {tfds_name} ({list(features)})")
-
-    if task == "classification":
-        label_key = spec.get("label_key")
-        if not label_key:
-            labelled = [k for k in features if isinstance(features[k], tfds.features.ClassLabel)]
-            label_key = "label" if "label" in labelled else (labelled[0] if labelled else None)
-        if not label_key or not isinstance(features[label_key], tfds.features.ClassLabel):
-            raise ConfigError(f"{where}: {tfds_name} has no ClassLabel feature to classify (set label_key)")
-        target = lambda rec: int(np.asarray(rec[label_key]))
-    else:
-        caption_key = spec.get("caption_key") or _tfds_caption_key(features)
-        if not caption_key:
-            raise ConfigError(f"{where}: {tfds_name} has no caption feature (set caption_key)")
-        target = lambda rec: _texts(_tfds_get(rec, caption_key))
-
-    keep = _subset(len(source), spec)
-    display = spec.get("name") or tfds_name
-    name = tfds_name.split("/")[0].split(":")[0]
-    images = _image_set(ctx, spec, name, len(keep), lambda i: source[int(keep[i])][image_key],
-                        lambda i: f"{display}[{split}][{int(keep[i])}]")
-    targets: list[Any] = [None] * len(keep)
-
-    def read_record(i: int) -> None:
-        try:
-            record = source[int(keep[i])]
-            targets[i] = target(record)
-        except Exception as e:  # noqa: BLE001 - an unreadable record is skipped like a corrupt image.
-            images.mark_unreadable(i, f"{type(e).__name__}: {e}")
-            return
-        images.offer(i, record[image_key])  # Decoded once here when the set fits in the cache.
-
-    with concurrent.futures.ThreadPoolExecutor(images.num_threads) as pool:
-        list(pool.map(read_record, range(len(keep))))
-    images._warn_new_skips()
-
-    if task == "classification":
-        labels = np.asarray([-1 if t is None else t for t in targets], np.int32)
-        return ClassificationData(name, images, labels, _classnames(where, spec, features[label_key].names))
-    texts, owner = [], []
-    for i, caps in enumerate(targets):
-        if caps is None or not caps:  # No captions: the image cannot be scored; leave it out.
-            if caps is not None:
-                images.mark_unreadable(i, "no captions")
-            continue
-        texts.extend(caps)
-        owner.extend([i] * len(caps))
-    return CaptionData(name, images, texts, np.asarray(owner, np.int64))
-
-
-# ----------------------------------------------------------------------------- synthetic / training source
 
 
 def _synthetic(spec: dict[str, Any], ctx: ImageContext, where: str, task: str) -> Any:
