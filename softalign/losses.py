@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -61,35 +62,42 @@ def _teacher_logits(t_queries_local, t_keys_all, t_scale, valid_local, valid_all
     return jax.lax.stop_gradient(jnp.where(valid_local[:, None], logits, 0.0))
 
 
-def _local_loss(u, v, scale, alpha, subset, teacher, *, tau, axis, chunk_size):
+def _chunked_local_sums(u, v, scale, alpha, labels, subset, teacher, *, tau, axis, chunk_size, ring_size):
+    """Both directions with the ring + chunk loss: only local b x D blocks, never B x D or b x B."""
+    # The custom_vjp returns a per-device gradient for the scale; marking it device-varying makes JAX psum it.
+    scale = jax.lax.pcast(scale, axis, to="varying")
+    if teacher is None:
+        rows_in_s, ones = subset, jax.lax.pcast(jnp.ones(u.shape[:1], bool), axis, to="varying")
+        t_i2t, t_t2i = (u, v, scale, ones), (v, u, scale, ones)
+    else:
+        rows_in_s = subset & teacher.valid
+        t_i2t = (teacher.image_emb, teacher.text_emb, teacher.scale, teacher.valid)
+        t_t2i = (teacher.text_emb, teacher.image_emb, teacher.scale, teacher.valid)
+    return [chunked_direction_sums(q, k, scale, labels, rows_in_s, *t, alpha, tau, chunk_size, teacher is None,
+                                   axis, ring_size) for q, k, t in ((u, v, t_i2t), (v, u, t_t2i))]
+
+
+def _local_loss(u, v, scale, alpha, subset, teacher, *, tau, axis, chunk_size, ring_size):
     """Runs on one device's rows; returns replicated (loss, metric vector)."""
     b = u.shape[0]
+    labels = jax.lax.axis_index(axis) * b + jnp.arange(b)
+    if chunk_size > 0:
+        i2t, t2i = _chunked_local_sums(u, v, scale, alpha, labels, subset, teacher, tau=tau, axis=axis,
+                                       chunk_size=chunk_size, ring_size=ring_size)
+        return jax.lax.psum(jnp.stack([i2t, t2i]), axis)
     u_all = jax.lax.all_gather(u, axis, tiled=True)
     v_all = jax.lax.all_gather(v, axis, tiled=True)
-    labels = jax.lax.axis_index(axis) * b + jnp.arange(b)
     if teacher is None:
-        rows_in_s = subset
-        # (teacher queries, teacher keys, teacher scale, teacher columns) per direction; unused by the self teacher
-        t_i2t = (u, v_all, scale, jnp.ones((u_all.shape[0],), bool))
-        t_t2i = (v, u_all, scale, t_i2t[3])
+        rows_in_s, t_i2t, t_t2i = subset, None, None
     else:
         ti_all = jax.lax.all_gather(teacher.image_emb, axis, tiled=True)
         tt_all = jax.lax.all_gather(teacher.text_emb, axis, tiled=True)
         valid_all = jax.lax.all_gather(teacher.valid, axis, tiled=True)
         rows_in_s = subset & teacher.valid  # a row the teacher has no embedding for keeps its one-hot target
-        t_i2t = (teacher.image_emb, tt_all, teacher.scale, valid_all)
-        t_t2i = (teacher.text_emb, ti_all, teacher.scale, valid_all)
-    if chunk_size > 0:
-        # The custom_vjp returns a per-device gradient for the scale; marking it device-varying makes JAX psum it.
-        scale = jax.lax.pcast(scale, axis, to="varying")
-        i2t = chunked_direction_sums(u, v_all, scale, labels, rows_in_s, *t_i2t, alpha, tau, chunk_size,
-                                     teacher is None)
-        t2i = chunked_direction_sums(v, u_all, scale, labels, rows_in_s, *t_t2i, alpha, tau, chunk_size,
-                                     teacher is None)
-    else:
-        full = lambda t: None if teacher is None else _teacher_logits(t[0], t[1], t[2], teacher.valid, t[3])
-        i2t = _direction_sums(u, v_all, scale, labels, rows_in_s, full(t_i2t), tau, alpha)
-        t2i = _direction_sums(v, u_all, scale, labels, rows_in_s, full(t_t2i), tau, alpha)
+        t_i2t = _teacher_logits(teacher.image_emb, tt_all, teacher.scale, teacher.valid, valid_all)
+        t_t2i = _teacher_logits(teacher.text_emb, ti_all, teacher.scale, teacher.valid, valid_all)
+    i2t = _direction_sums(u, v_all, scale, labels, rows_in_s, t_i2t, tau, alpha)
+    t2i = _direction_sums(v, u_all, scale, labels, rows_in_s, t_t2i, tau, alpha)
     return jax.lax.psum(jnp.stack([i2t, t2i]), axis)
 
 
@@ -110,16 +118,20 @@ def psd_loss(
 
     ``subset`` (B,) bool marks S. ``teacher=None`` is the ``self`` teacher: T is the stop-gradient of the student's
     own logits. ``tau`` divides the teacher logits (the teacher's own logit scale is kept). ``chunk_size > 0``
-    tiles the B columns in chunks of that size (``losses_chunked.py``): O(b * chunk) memory, same value/gradients.
+    passes key blocks around the devices and tiles them in chunks of that size (``losses_chunked.py``):
+    O(b * (chunk + D)) memory per device instead of O(b * B + B * D), same value and gradients.
     """
     batch = image_emb.shape[0]
     dtype = jnp.promote_types(image_emb.dtype, jnp.float32)  # f32, or f64 when a test enables x64
     alpha = jnp.asarray(alpha, dtype)
     scale = jnp.asarray(scale, dtype)
     row = P(axis)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    ring_size = int(np.prod([mesh.shape[a] for a in axes]))
     teacher_spec = None if teacher is None else TeacherTargets(row, row, P(), row)
     sums = jax.shard_map(
-        lambda u, v, s, a, m, t: _local_loss(u, v, s, a, m, t, tau=tau, axis=axis, chunk_size=chunk_size),
+        lambda u, v, s, a, m, t: _local_loss(u, v, s, a, m, t, tau=tau, axis=axis, chunk_size=chunk_size,
+                                             ring_size=ring_size),
         mesh=mesh,
         in_specs=(row, row, P(), P(), row, teacher_spec),
         out_specs=P(),

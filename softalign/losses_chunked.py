@@ -1,13 +1,15 @@
-"""One direction of the PSD loss over key chunks, in O(b * c) memory instead of O(b * B).
+"""One direction of the PSD loss in O(b * (c + D)) memory per device: a ring over devices, chunks within a block.
 
-The B key columns are processed in chunks of c with an online log-sum-exp (as in flash attention / Inf-CL). The
-soft term needs the teacher's row log-sum-exp too, so the scan also keeps a rescaled running sum of the teacher
-weights and of the weighted student logits:
+Each device keeps its own b key rows. The key blocks travel around the ring of N devices (``ppermute``), so after
+N hops every device has seen all B columns. Nobody gathers B x D. Each block is processed in column chunks of c,
+with an online log-sum-exp (as in flash attention / Inf-CL). The soft term needs the teacher's row log-sum-exp
+too, so the scan also keeps a rescaled running sum of the teacher weights and of the weighted student logits:
 
     soft_i = LSE_i - sum_j Q_ij L_ij,    sum_j Q_ij L_ij = (sum_j e^{T_ij/tau - m} L_ij) / (sum_j e^{T_ij/tau - m})
 
-The backward pass (``custom_vjp``) recomputes each chunk's logits and applies dCE/dL = softmax(L) - Y chunk by
-chunk, so no b x B array exists in either pass. ``_direction_sums`` in ``losses.py`` is the unchunked reference.
+The backward pass (``custom_vjp``) recomputes each chunk's logits and applies dCE/dL = softmax(L) - Y. The key
+gradients ride around the ring with their blocks and arrive back at their owners. No b x B array exists in
+either pass. ``_direction_sums`` in ``losses.py`` is the unchunked reference.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ _NEG = -1e30  # finite "minus infinity" for running maxima, so exp(m_old - m_new
 
 
 def _chunks(keys, valid, chunk):
-    """Pads the B key rows to a multiple of ``chunk`` and splits them: ((n, c, D), (n, c) bool, (n, c) int)."""
+    """Pads key rows to a multiple of ``chunk`` and splits them: ((n, c, D), (n, c) bool, (n, c) int)."""
     total = keys.shape[0]
     n = -(-total // chunk)
     pad = n * chunk - total
@@ -44,12 +46,28 @@ def _teacher_chunk(logits, tq, tk, t_scale, tvalid, real, tau, use_self):
     return jnp.where((tvalid & real)[None, :], t / tau, -jnp.inf)
 
 
-def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk, use_self):
+def _block_xs(keys, tkeys, tvalid, chunk, col0):
+    chunk = min(chunk, keys.shape[0])  # a chunk wider than the block would only add padding
     k_chunks, real, cols = _chunks(keys, jnp.ones(keys.shape[0], bool), chunk)
     tk_chunks, tv, _ = _chunks(tkeys, tvalid, chunk)
+    return k_chunks, real, cols + col0, tk_chunks, tv
+
+
+def _ring(axis, size):
+    """(rotate, owner_offset): pass a block to the next device; whose block a device holds after r hops."""
+    if size == 1:
+        return (lambda x: x), (lambda r, rows: r * 0)
+    perm = [(i, (i + 1) % size) for i in range(size)]
+    rotate = lambda x: jax.lax.ppermute(x, axis, perm)
+    me = jax.lax.axis_index(axis)
+    return rotate, (lambda r, rows: ((me - r) % size) * rows)
+
+
+def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk, use_self, axis,
+             size):
     zeros = q[:, 0] * 0  # derived from q so that, inside shard_map, the scan carry varies over devices like q
-    init = dict(m=zeros + _NEG, l=zeros, label=zeros, best=zeros - jnp.inf, arg=zeros.astype(jnp.int32),
-                mt=zeros + _NEG, lt=zeros, wl=zeros, wt=zeros)
+    carry = dict(m=zeros + _NEG, l=zeros, label=zeros, best=zeros - jnp.inf, arg=zeros.astype(jnp.int32),
+                 mt=zeros + _NEG, lt=zeros, wl=zeros, wt=zeros)
 
     def body(c, xs):
         k, r, col, tk, tvc = xs
@@ -71,7 +89,14 @@ def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alph
                    wt=c["wt"] * rescale + (w * tfin).sum(axis=1))
         return new, None
 
-    c, _ = jax.lax.scan(body, init, (k_chunks, real, cols, tk_chunks, tv))
+    rotate, offset = _ring(axis, size)
+
+    def hop(state, r):  # one ring step: this block's chunks, then pass the block on
+        carry, blocks = state
+        carry, _ = jax.lax.scan(body, carry, _block_xs(*blocks, chunk, offset(r, keys.shape[0])))
+        return (carry, jax.tree.map(rotate, blocks)), None
+
+    (c, _), _ = jax.lax.scan(hop, (carry, (keys, tkeys, tvalid)), jnp.arange(size))
     lse = c["m"] + jnp.log(c["l"])
     hard = lse - c["label"]
     has_t = rows_in_s & (c["lt"] > 0)
@@ -86,23 +111,26 @@ def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alph
     return sums, (lse, jnp.where(has_t, lse_t, 0.0), has_t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
 def chunked_direction_sums(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk,
-                           use_self):
-    """Same six sums as ``losses._direction_sums``; only ``sums[0]`` (the loss) carries gradients, to q/keys/scale."""
-    return _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk, use_self)[0]
+                           use_self, axis=None, size=1):
+    """Same six sums as ``losses._direction_sums``; only ``sums[0]`` (the loss) carries gradients, to q/keys/scale.
+
+    With ``size == 1`` ``keys`` are all B keys. Otherwise ``keys`` (and ``tkeys``/``tvalid``) are this device's
+    block of a ring of ``size`` devices over ``axis``, and ``labels`` are global column indices.
+    """
+    return _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk, use_self,
+                    axis, size)[0]
 
 
-def _fwd(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk, use_self):
+def _fwd(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk, use_self, axis, size):
     sums, (lse, lse_t, has_t) = _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau,
-                                         chunk, use_self)
+                                         chunk, use_self, axis, size)
     return sums, (q, keys, scale, labels, tq, tkeys, t_scale, tvalid, alpha, lse, lse_t, has_t)
 
 
-def _bwd(tau, chunk, use_self, res, g):
+def _bwd(tau, chunk, use_self, axis, size, res, g):
     q, keys, scale, labels, tq, tkeys, t_scale, tvalid, alpha, lse, lse_t, has_t = res
-    k_chunks, real, cols = _chunks(keys, jnp.ones(keys.shape[0], bool), chunk)
-    tk_chunks, tv, _ = _chunks(tkeys, tvalid, chunk)
     mix = jnp.where(has_t, alpha, 0.0)[:, None]
 
     def body(carry, xs):
@@ -119,9 +147,16 @@ def _bwd(tau, chunk, use_self, res, g):
         ds = ds + jnp.sum(grad_logits * jnp.where(jnp.isfinite(logits), logits, 0.0)) / scale
         return (dq, ds), dk
 
-    (dq, ds), dk = jax.lax.scan(body, (q * 0, q[0, 0] * 0),
-                                (k_chunks, real, cols, tk_chunks, tv))
-    dk = dk.reshape(-1, keys.shape[1])[: keys.shape[0]]
+    rotate, offset = _ring(axis, size)
+
+    def hop(state, r):  # N hops bring every block, with its accumulated key gradient, back to its owner
+        carry, (k, tk, tv, dk_acc) = state
+        carry, dk = jax.lax.scan(body, carry, _block_xs(k, tk, tv, chunk, offset(r, keys.shape[0])))
+        blocks = (k, tk, tv, dk_acc + dk.reshape(-1, keys.shape[1])[: keys.shape[0]])
+        return (carry, jax.tree.map(rotate, blocks)), None
+
+    init = ((q * 0, q[0, 0] * 0), (keys, tkeys, tvalid, keys * 0))
+    ((dq, ds), (_, _, _, dk)), _ = jax.lax.scan(hop, init, jnp.arange(size))
     zeros = lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else None
     return (dq, dk, ds.astype(jnp.result_type(scale)), None, None, zeros(tq), zeros(tkeys), zeros(t_scale), None,
             zeros(alpha))
