@@ -162,3 +162,23 @@ def test_remat_gives_the_same_steps_and_scan_layers_trains():
     p = scanned.init(jax.random.key(0), batches[0]["image"][:1], batches[0]["tokens"][:1])["params"]
     _, losses, _ = _run(sharding.make_mesh(1), c, scanned, tx, lr, teach, p, batches)
     assert all(np.isfinite(losses))
+
+
+def test_chunked_loss_step_equals_unchunked_step():
+    c, model, tx, lr, teach, params, batches = _setup("ema")
+    mesh = sharding.make_mesh(8)
+    results = []
+    for chunk in (0, 2):
+        fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
+                             num_steps=c.num_steps, mesh=mesh, batch_size=B, loss_chunk_size=chunk)
+        state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)
+        shardings = sharding.state_sharding(mesh, state)
+        step = jit_train_step(fn, mesh, shardings)
+        state = jax.device_put(state, shardings)
+        for b in batches:
+            state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+        results.append((state, m))
+    (s0, m0), (s1, m1) = results
+    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
