@@ -1,8 +1,9 @@
 """Per-device temp memory of the PSD loss + gradient against global batch, chunked vs unchunked.
 
-Compiles (never runs) ``value_and_grad`` of ``losses.psd_loss`` on 8 virtual CPU devices, with the self teacher
-and soft targets on, and reads ``compiled.memory_analysis().temp_size_in_bytes``. Unchunked memory grows as b x B
-per device; chunked memory stays near b x c.
+Compiles (never runs) ``value_and_grad`` of ``losses.psd_loss`` on virtual CPU devices, with the self teacher and
+soft targets on, and reads ``compiled.memory_analysis().temp_size_in_bytes``. Two sweeps:
+  * 8 devices, B growing (b = B/8 grows too): unchunked grows as b x B, chunked as b x c;
+  * b fixed per device, N = B/b devices (up to 64): unchunked still grows as b x B, chunked is flat.
 
     python benchmarks/loss_memory.py                       # table (markdown) and docs/loss_memory.png
     python benchmarks/loss_memory.py --budget_gib 2        # also: the largest global batch under 2 GiB per device
@@ -14,14 +15,11 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=64")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from softalign import losses, sharding  # noqa: E402
 
@@ -47,9 +45,10 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--budget_gib", type=float, default=2.0)
+    parser.add_argument("--per_device", type=int, default=1024, help="b for the fixed-per-device sweep")
     parser.add_argument("--plot", default=os.path.join("docs", "loss_memory.png"))
     args = parser.parse_args()
-    mesh = sharding.make_mesh(8)
+    mesh = sharding.make_mesh(8)  # the first sweep; the second uses N = B / per_device devices
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for b in batches:
@@ -61,6 +60,20 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for b, full, chunked in rows:
         print(f"| {b:,} | {b // 8:,} | {full / 2**20:,.1f} | {chunked / 2**20:,.1f} | {full / max(chunked, 1):.1f}x |")
+    per_device = args.per_device
+    flat = []
+    for b in batches:
+        n = b // per_device
+        if n < 1 or n > len(jax.devices()):
+            continue
+        m = sharding.make_mesh(n)
+        flat.append((b, n, temp_bytes(b, args.dim, 0, m), temp_bytes(b, args.dim, args.chunk, m)))
+        print(f"fixed b: B={b} on {n} devices", file=sys.stderr, flush=True)
+    print(f"\nFixed per-device batch b = {per_device}: N = B/b devices\n")
+    print("| global batch B | devices N | unchunked (MiB) | chunked (MiB) |")
+    print("|---|---|---|---|")
+    for b, n, full, chunked in flat:
+        print(f"| {b:,} | {n} | {full / 2**20:,.1f} | {chunked / 2**20:,.1f} |")
     budget = args.budget_gib * 2**30
     for name, col in (("unchunked", 1), ("chunked", 2)):
         fits = [r[0] for r in rows if r[col] <= budget]
@@ -77,13 +90,17 @@ def main() -> None:
     except ImportError:
         print("\n(matplotlib not installed: no plot)")
         return
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
-    ax.loglog(batches, [r[1] / 2**20 for r in rows], "o-", label="unchunked (b x B)")
-    ax.loglog(batches, [r[2] / 2**20 for r in rows], "s-", label=f"chunked (c = {args.chunk})")
-    ax.set_xlabel("global batch B (8 devices)")
-    ax.set_ylabel("temp MiB per device")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    series = ((axes[0], [r[0] for r in rows], rows, 1, "global batch B (8 devices)"),
+              (axes[1], [r[0] for r in flat], [(r[0],) + r[2:] for r in flat], 1,
+               f"global batch B (b = {per_device} per device, N = B/b)"))
+    for ax, xs, data, _, label in series:
+        ax.loglog(xs, [r[1] / 2**20 for r in data], "o-", label="unchunked (b x B)")
+        ax.loglog(xs, [r[2] / 2**20 for r in data], "s-", label=f"chunked (c = {args.chunk})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("temp MiB per device")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(args.plot)
     print(f"\nplot: {args.plot}\ncommand: python benchmarks/loss_memory.py")
