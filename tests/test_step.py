@@ -32,25 +32,26 @@ def _setup(teacher="ema", alpha_max=0.5, fraction=0.4):
     return c, model, tx, lr, teach, params, batches
 
 
-def _run(mesh, c, model, tx, lr, teach, params, batches, fsdp_min_size=2**14):
+def _run(mesh, c, model, tx, lr, teach, params, batches, fsdp_min_size=2**14, **step_options):
+    """Runs the jitted step over ``batches``; returns (state, losses, jitted step, per-step metrics)."""
     fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
-                         num_steps=c.num_steps, mesh=mesh, batch_size=B)
+                         num_steps=c.num_steps, mesh=mesh, batch_size=B, **step_options)
     state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)  # a copy: the step donates its input
     shardings = sharding.state_sharding(mesh, state, fsdp_min_size=fsdp_min_size)
     step = jit_train_step(fn, mesh, shardings)
     state = jax.device_put(state, shardings)
-    losses = []
+    metrics = []
     for b in batches:
         state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
-        losses.append(float(m["loss"]))
-    return state, losses, step
+        metrics.append(m)
+    return state, [float(m["loss"]) for m in metrics], step, metrics
 
 
 @pytest.mark.parametrize("teacher", ["ema", "self", "snapshot"])
 def test_sharded_step_equals_single_device(teacher):
     setup = _setup(teacher)
-    s1, l1, _ = _run(sharding.make_mesh(1), *setup)
-    s8, l8, _ = _run(sharding.make_mesh(8), *setup)
+    s1, l1, _, _ = _run(sharding.make_mesh(1), *setup)
+    s8, l8, _, _ = _run(sharding.make_mesh(8), *setup)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
@@ -61,7 +62,7 @@ def test_sharded_step_equals_single_device(teacher):
 def test_no_device_holds_batch_by_batch_logits():
     setup = _setup("ema")
     mesh = sharding.make_mesh(8)
-    _, _, step = _run(mesh, *setup)
+    _, _, step, _ = _run(mesh, *setup)
     c, model, tx, lr, teach, params, batches = setup
     state = create_state(params, tx, teach, 0)
     hlo = step.lower(state, jax.device_put(batches[0], sharding.batch_sharding(mesh))).compile().as_text()
@@ -91,31 +92,17 @@ def test_nonfinite_step_is_skipped_and_recorded():
 def test_clip_baseline_runs_no_teacher_forward():
     """alpha_max=0: the step is plain InfoNCE, with loss == loss_hard and no soft term."""
     setup = _setup("ema", alpha_max=0.0)
-    _, losses, _ = _run(sharding.make_mesh(1), *setup)
+    _, losses, _, _ = _run(sharding.make_mesh(1), *setup)
     assert all(np.isfinite(losses))
 
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_gradient_accumulation_equals_full_batch_step(devices):
     """Cached-feature accumulation over 5 micro-batches gives the full-batch update, PSD (EMA teacher) on."""
-    c, model, tx, lr, teach, params, batches = _setup("ema")
+    setup = _setup("ema")
     mesh = sharding.make_mesh(devices)
-
-    def run(accum):
-        fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
-                             num_steps=c.num_steps, mesh=mesh, batch_size=B, grad_accum_steps=accum)
-        state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)
-        shardings = sharding.state_sharding(mesh, state)
-        step = jit_train_step(fn, mesh, shardings)
-        state = jax.device_put(state, shardings)
-        out = []
-        for b in batches:
-            state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
-            out.append(m)
-        return state, out
-
-    full, m_full = run(1)
-    acc, m_acc = run(5)
+    full, _, _, m_full = _run(mesh, *setup)
+    acc, _, _, m_acc = _run(mesh, *setup, grad_accum_steps=5)
     for a, b in zip(m_full, m_acc):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
@@ -130,7 +117,7 @@ def test_bfloat16_compute_stays_finite_and_close_to_float32():
         c, model, tx, lr, teach, params, batches = _setup("ema")
         c.model.dtype = dtype
         model = build_model(c.model)
-        state, losses, _ = _run(sharding.make_mesh(1), c, model, tx, lr, teach, params, batches * 2)
+        state, losses, _, _ = _run(sharding.make_mesh(1), c, model, tx, lr, teach, params, batches * 2)
         assert all(np.isfinite(losses))
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
         out[dtype] = losses
@@ -139,8 +126,8 @@ def test_bfloat16_compute_stays_finite_and_close_to_float32():
 
 def test_fsdp_step_equals_replicated_and_shards_the_state():
     setup = _setup("ema")
-    rep, l_rep, _ = _run(sharding.make_mesh(8), *setup)
-    fsdp, l_fsdp, _ = _run(sharding.make_mesh(8, fsdp=8), *setup, fsdp_min_size=256)
+    rep, l_rep, _, _ = _run(sharding.make_mesh(8), *setup)
+    fsdp, l_fsdp, _, _ = _run(sharding.make_mesh(8, fsdp=8), *setup, fsdp_min_size=256)
     np.testing.assert_allclose(l_fsdp, l_rep, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(rep.params), jax.tree.leaves(fsdp.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
@@ -153,32 +140,22 @@ def test_fsdp_step_equals_replicated_and_shards_the_state():
 
 def test_remat_gives_the_same_steps_and_scan_layers_trains():
     c, model, tx, lr, teach, params, batches = _setup("ema")
-    _, plain, _ = _run(sharding.make_mesh(1), c, model, tx, lr, teach, params, batches)
+    _, plain, _, _ = _run(sharding.make_mesh(1), c, model, tx, lr, teach, params, batches)
     c.model.remat = True
-    _, remat, _ = _run(sharding.make_mesh(1), c, build_model(c.model), tx, lr, teach, params, batches)
+    _, remat, _, _ = _run(sharding.make_mesh(1), c, build_model(c.model), tx, lr, teach, params, batches)
     np.testing.assert_allclose(remat, plain, rtol=1e-5)
     c.model.scan_layers = True
     scanned = build_model(c.model)
     p = scanned.init(jax.random.key(0), batches[0]["image"][:1], batches[0]["tokens"][:1])["params"]
-    _, losses, _ = _run(sharding.make_mesh(1), c, scanned, tx, lr, teach, p, batches)
+    _, losses, _, _ = _run(sharding.make_mesh(1), c, scanned, tx, lr, teach, p, batches)
     assert all(np.isfinite(losses))
 
 
 def test_chunked_loss_step_equals_unchunked_step():
-    c, model, tx, lr, teach, params, batches = _setup("ema")
+    setup = _setup("ema")
     mesh = sharding.make_mesh(8)
-    results = []
-    for chunk in (0, 2):
-        fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
-                             num_steps=c.num_steps, mesh=mesh, batch_size=B, loss_chunk_size=chunk)
-        state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)
-        shardings = sharding.state_sharding(mesh, state)
-        step = jit_train_step(fn, mesh, shardings)
-        state = jax.device_put(state, shardings)
-        for b in batches:
-            state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
-        results.append((state, m))
-    (s0, m0), (s1, m1) = results
-    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+    s0, l0, _, _ = _run(mesh, *setup)
+    s1, l1, _, _ = _run(mesh, *setup, loss_chunk_size=2)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
