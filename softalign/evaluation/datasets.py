@@ -227,24 +227,39 @@ def _from_records(source: Any, spec: dict[str, Any], ctx: ImageContext, where: s
 
 # ----------------------------------------------------------------------------- entry points
 
-CLASSIFICATION_TYPES = ("tfds", "folder", "synthetic", "source")
-CAPTION_TYPES = ("tfds", "captions", "coco", "synthetic", "source")
+# task -> spec type -> loader(spec, ctx, where)
+_LOADERS = {
+    "classification": {
+        "tfds": lambda s, c, w: _tfds(s, c, w, "classification"),
+        "folder": _folder,
+        "synthetic": lambda s, c, w: _synthetic(s, c, w, "classification"),
+        "source": lambda s, c, w: _source(s, c, w, "classification"),
+    },
+    "captions": {
+        "tfds": lambda s, c, w: _tfds(s, c, w, "captions"),
+        "captions": _captions,
+        "coco": _coco,
+        "synthetic": lambda s, c, w: _synthetic(s, c, w, "captions"),
+        "source": lambda s, c, w: _source(s, c, w, "captions"),
+    },
+}
+CLASSIFICATION_TYPES = tuple(_LOADERS["classification"])
+CAPTION_TYPES = tuple(_LOADERS["captions"])
+
+
+def _load(task: str, spec: Any, ctx: ImageContext, where: str) -> Any:
+    spec = as_dict(spec)
+    kind = spec.get("type")
+    loaders = _LOADERS[task]
+    if kind not in loaders:
+        label = "caption" if task == "captions" else task
+        raise ConfigError(f"{where}.type={kind!r}: {label} datasets are one of {list(loaders)}")
+    return loaders[kind](spec, ctx, where)
 
 
 def load_classification(spec: Any, ctx: ImageContext, where: str = "dataset") -> ClassificationData:
     """Builds a labelled image set from `spec` (see the module docstring)."""
-    spec = as_dict(spec)
-    kind = spec.get("type")
-    if kind not in CLASSIFICATION_TYPES:
-        raise ConfigError(f"{where}.type={kind!r}: classification datasets are one of {list(CLASSIFICATION_TYPES)}")
-    if kind == "folder":
-        data = _folder(spec, ctx, where)
-    elif kind == "tfds":
-        data = _tfds(spec, ctx, where, "classification")
-    elif kind == "synthetic":
-        data = _synthetic(spec, ctx, where, "classification")
-    else:
-        data = _source(spec, ctx, where, "classification")
+    data = _load("classification", spec, ctx, where)
     if len(data.labels) == 0:
         raise ConfigError(f"{where}: the dataset is empty")
     return data
@@ -252,20 +267,7 @@ def load_classification(spec: Any, ctx: ImageContext, where: str = "dataset") ->
 
 def load_captions(spec: Any, ctx: ImageContext, where: str = "dataset") -> CaptionData:
     """Builds an image set with captions from `spec` (see the module docstring)."""
-    spec = as_dict(spec)
-    kind = spec.get("type")
-    if kind not in CAPTION_TYPES:
-        raise ConfigError(f"{where}.type={kind!r}: caption datasets are one of {list(CAPTION_TYPES)}")
-    if kind == "captions":
-        data = _captions(spec, ctx, where)
-    elif kind == "coco":
-        data = _coco(spec, ctx, where)
-    elif kind == "tfds":
-        data = _tfds(spec, ctx, where, "captions")
-    elif kind == "synthetic":
-        data = _synthetic(spec, ctx, where, "captions")
-    else:
-        data = _source(spec, ctx, where, "captions")
+    data = _load("captions", spec, ctx, where)
     if not data.captions:
         raise ConfigError(f"{where}: the dataset has no captions")
     return data
