@@ -8,6 +8,8 @@ Hyper-parameters follow the common CLIP recipe for a CC12M-sized dataset (open_c
   eps 1e-6, weight decay 0.2 on matmul weights only, 2k warmup steps then cosine to 0, gradient clipping at 1.0,
   32 epochs of ~10M pairs = 78k steps. PSD: alpha_max 0.5 ramped linearly over the whole run, EMA teacher
   (momentum 0.999) on half of each batch, tau_d = 1 (the teacher keeps its own logit scale).
+Fine-tuning from open_clip / OpenAI weights: --config.init_from=model.safetensors (see the README; OpenAI's own
+weights also need --config.model.activation=quick_gelu).
 Data: img2dataset webdataset shards (NNNNN.tar with key.jpg/key.txt) under data.path; any other source works
 with --config.data.source=arrayrecord|folder|tfds.
 """
@@ -18,14 +20,15 @@ from softalign.models.presets import model_preset
 
 def get_config(arch: str = "ViT-B/16"):
     c = base_config()
-    c.model = model_preset(arch)  # CLIP's BPE: vocab 49408, end-of-text 49407, context 77
+    c.model = model_preset(arch)  # CLIP's BPE: vocab 49408, context 77 (open_clip's shapes, so weights import)
+    c.model.text.eot_id = -1  # from the tokenizer: 49407 with CLIP's BPE, and right for a BPE trained here too
     c.data.source = "webdataset"
     c.data.name = "cc12m"
     c.data.image_size = 224
     c.data.train_size = 10_000_000
     c.data.crop_scale = (0.9, 1.0)
     c.data.num_threads = 16
-    c.tokenizer.path = ""  # set to CLIP's tokenizer.json (e.g. from openai/clip-vit-base-patch16)
+    c.tokenizer.path = ""  # CLIP's tokenizer.json: python -m softalign.data.clip_bpe --output=clip_tokenizer.json
     c.batch_size = 4096
     c.eval_batch_size = 1024
     c.num_steps = 78_000
