@@ -1,5 +1,6 @@
-"""Orbax checkpoints of the whole run: train state (params, optimizer, teacher, step, RNG) and the Grain
-iterator's position, saved asynchronously, keeping the last N.
+"""Orbax checkpoints of the whole run: train state (params, optimizer, teacher, step, RNG), the Grain
+iterator's position and, with the memory teacher, its host bank (numpy arrays), saved asynchronously, keeping the
+last N. All items of a step go into the same step directory, so they are committed (or lost) together.
 
 Orbax writes each step to a temporary directory and renames it only when complete, so a process killed mid-save
 (even with kill -9) leaves the previous checkpoints intact and the partial one is ignored on restore.
@@ -12,28 +13,35 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 
 class Checkpointer:
-    """Thin wrapper over ``ocp.CheckpointManager`` with the two items ``state`` and ``data``."""
+    """Thin wrapper over ``ocp.CheckpointManager`` with the items ``state``, ``data`` and (optional) ``memory``."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                    "memory": ocp.StandardCheckpointHandler()}  # known up front: a fresh manager reads metadata
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, *, force: bool = False) -> bool:
-        """Starts an (asynchronous) save of ``state`` and the iterator's position; returns whether it saved."""
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, *, force: bool = False,
+             memory: dict[str, np.ndarray] | None = None) -> bool:
+        """Starts an (asynchronous) save of ``state``, the iterator's position and the ``memory`` bank arrays
+        (``MemoryBank.state_dict()``, written by process 0 only) in one step; returns whether it saved."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if memory is not None:
+            items["memory"] = ocp.args.StandardSave(memory)
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
             logging.info("Checkpoint of step %d started in %s", step, self.directory)
@@ -51,6 +59,14 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], step
+
+    def restore_memory(self, step: int) -> dict[str, np.ndarray] | None:
+        """The ``memory`` item of ``step`` as numpy arrays (every process reads all of it), or ``None`` when that
+        checkpoint has none (e.g. it was written by a run with another teacher)."""
+        if "memory" not in self._manager.item_metadata(step):  # a checkpoint without the item does not list it
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(memory=ocp.args.StandardRestore()))
+        return {k: np.asarray(v) for k, v in restored["memory"].items()}
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has finished."""

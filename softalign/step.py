@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from softalign import accumulate, psd, sharding
 from softalign.losses import psd_loss
+from softalign.memory_bank import MEMORY_OUTPUT, MEMORY_SEEN
 from softalign.teachers import Teacher
 
 
@@ -60,12 +61,19 @@ def make_train_step(
     loss_chunk_size: int = 0,
     grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds the (not yet jitted) step function. See :func:`jit_train_step`."""
+    """Builds the (not yet jitted) step function. See :func:`jit_train_step`.
+
+    With a ``host_memory`` teacher the batch must carry the bank's rows (``memory_image``/``memory_text``/
+    ``memory_seen``) and the metrics carry ``memory_write`` = ``{"index", "image", "text"}`` of the batch
+    (replicated), which the caller pops and hands to ``MemoryBank.stage``.
+    """
     ramp_end = psd_config.ramp_end if psd_config.ramp_end >= 0 else num_steps
     alpha_fn = psd.alpha_schedule(psd_config.alpha_max, psd_config.ramp, psd_config.ramp_start, ramp_end)
     groups = psd_config.subset_groups or sharding.num_batch_shards(mesh)
     psd.subset_layout(batch_size, psd_config.subset_fraction, groups)  # validates early
     use_teacher = psd_config.alpha_max > 0 and psd_config.subset_fraction > 0
+    student_scale = getattr(teacher, "student_scale", False)
+    host_memory = getattr(teacher, "host_memory", False)  # see teachers.py; the train loop owns the bank
 
     def embed(params, images, tokens):
         return model.apply({"params": params}, images, tokens)
@@ -80,8 +88,15 @@ def make_train_step(
             subset_mask = jnp.zeros_like(subset_mask)
 
         def loss_of_embeddings(img, txt, scale):
-            return psd_loss(img, txt, scale, alpha=alpha, subset=subset_mask, teacher=targets,
-                            tau=psd_config.temperature, mesh=mesh, chunk_size=loss_chunk_size)
+            t = targets
+            if t is not None and student_scale:  # e.g. the memory teacher: T = s * U_old V_old^T, s the student's
+                t = t._replace(scale=jax.lax.stop_gradient(scale).astype(jnp.float32))
+            loss, metrics = psd_loss(img, txt, scale, alpha=alpha, subset=subset_mask, teacher=t,
+                                     tau=psd_config.temperature, mesh=mesh, chunk_size=loss_chunk_size)
+            if host_memory:  # the embeddings this loss used go back to the host bank (aux: no gradient)
+                metrics = dict(metrics, memory_seen=jnp.mean(batch[MEMORY_SEEN].astype(jnp.float32)))
+                metrics[MEMORY_OUTPUT] = teacher.stored(img, txt, batch)
+            return loss, metrics
 
         if grad_accum_steps > 1:
             (loss, metrics), grads = accumulate.cached_feature_grads(

@@ -2,8 +2,14 @@
 
 A teacher owns a pytree of state that lives in the train state (and so in checkpoints). Inside the jitted step it
 is asked, in order: ``prepare`` (before the loss), ``targets`` (teacher embeddings for the subset S, or ``None``
-for the student's own logits) and ``update`` (after the optimizer step). New teachers (``memory``, ``external``)
+for the student's own logits) and ``update`` (after the optimizer step). New teachers (e.g. ``external``)
 plug in by implementing these three methods and registering a builder in ``TEACHERS``.
+
+Two optional class attributes extend the interface (the step reads them with ``getattr``, default ``False``):
+``student_scale`` -- the teacher logits use the student's current logit scale (stop-gradient), filled in by the
+step after the forward pass; ``host_memory`` -- the teacher reads per-record embeddings that the train loop adds
+to the batch from a host-side :class:`softalign.memory_bank.MemoryBank`, and the step returns the batch's student
+embeddings (``stored``) for the loop to write back.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import optax
 
 from softalign import psd
 from softalign.losses import TeacherTargets
+from softalign.memory_bank import DTYPES, MEMORY_IMAGE, MEMORY_SEEN, MEMORY_TEXT
 
 # (params, images, tokens) -> (image_emb, text_emb, logit_scale)
 EmbedFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
@@ -118,10 +125,55 @@ class SnapshotTeacher(_ParamsTeacher):
         return state
 
 
+class MemoryTeacher:
+    """T = s * U_old V_old^T from the student's own embeddings of each record at its previous visit (PS-KD's
+    per-sample store, carried over to pairs). No extra compute and no train-state: the embeddings live in a host
+    bank (``softalign/memory_bank.py``) and arrive as batch entries; ``s`` is the student's current logit scale.
+
+    Records never seen before are not valid: their rows keep one-hot targets and their columns get no soft mass.
+    Every seen row and column counts (not only S's), since having them costs nothing.
+    """
+
+    name = "memory"
+    needs_forward = False
+    student_scale = True
+    host_memory = True
+
+    def __init__(self, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"psd.memory_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = jnp.dtype(DTYPES[dtype])
+
+    def init(self, params):
+        return {}
+
+    def prepare(self, state, params, step):
+        return state
+
+    def targets(self, state, batch, subset_idx, embed):
+        return TeacherTargets(
+            image_emb=batch[MEMORY_IMAGE].astype(jnp.float32),
+            text_emb=batch[MEMORY_TEXT].astype(jnp.float32),
+            scale=jnp.ones((), jnp.float32),  # placeholder: the step substitutes the student's scale
+            valid=batch[MEMORY_SEEN].astype(bool),
+        )
+
+    def update(self, state, new_params, step):
+        return state
+
+    def stored(self, image_emb: jax.Array, text_emb: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """What the step returns for the bank: the batch's record indices and its student embeddings (the ones
+        the loss used, stop-gradient), already in the bank's dtype so the device-to-host copy is no larger."""
+        sg = jax.lax.stop_gradient
+        return {"index": batch["index"], "image": sg(image_emb).astype(self.dtype),
+                "text": sg(text_emb).astype(self.dtype)}
+
+
 TEACHERS: dict[str, Callable[[Any], Teacher]] = {
     "self": lambda cfg: SelfTeacher(),
     "ema": lambda cfg: EmaTeacher(cfg.ema_momentum),
     "snapshot": lambda cfg: SnapshotTeacher(cfg.snapshot_every),
+    "memory": lambda cfg: MemoryTeacher(cfg.get("memory_dtype", "float32")),
 }
 
 
