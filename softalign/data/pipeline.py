@@ -14,6 +14,9 @@ Data config keys read here (ml_collections ConfigDict or dict; defaults in brack
   heldout_size [1000]          synthetic: records in the held-out eval split
   seed [0]                     dataset seed (scenes, caption noise); the shuffle/augment seed is an argument
   caption_noise [0.0]          fraction of train records whose caption is swapped with another record's
+  train_fraction [1.0]         train on a fixed subset of ceil(f*N) of the N train records: a prefix of one
+                               permutation seeded by `seed`, so subsets are nested (softalign.data.subset);
+                               batch['index'] is then the record's position in that subset, in [0, ceil(f*N))
   max_objects [3]              objects per synthetic scene (1..max_objects)
   single_object [False]        synthetic scenes with exactly one object (clean zero-shot labels)
   crop_scale [(0.9, 1.0)]      area range of the random resized crop (no flips: captions name positions)
@@ -62,7 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         source="synthetic", path="", name="", train_split="train", heldout_split="val",
         image_field="image", caption_field="caption", image_dir="", pixel_limit=decode.DEFAULT_PIXEL_LIMIT,
         image_size=32, train_size=50_000, heldout_size=1000, seed=0,
-        caption_noise=0.0, max_objects=3, crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
+        caption_noise=0.0, train_fraction=1.0, max_objects=3, crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
         mean=CLIP_MEAN, std=CLIP_STD, num_threads=2, prefetch_buffer_size=4, num_workers=0,
         batch_prefetch=2))
 
@@ -192,7 +195,9 @@ def make_train_dataset(data_config: Any, tokenizer: Tokenizer, *, global_batch_s
     local_batch = global_batch_size // process_count
     source = build_source(data_config, "train")
     if len(source) < global_batch_size:
-        raise ValueError(f"train split has {len(source)} records < global batch {global_batch_size}")
+        fraction = float(_get(data_config, "train_fraction", 1.0))
+        cut = f" (data.train_fraction={fraction:g})" if fraction < 1.0 else ""
+        raise ValueError(f"train split has {len(source)} records{cut} < global batch {global_batch_size}")
     shuffle_seed, augment_seed = _derive_seeds(seed)
     augment = DecodeAndAugment(_get(data_config, "image_size", 32), _get(data_config, "crop_scale", (0.9, 1.0)),
                                _get(data_config, "crop_ratio", (3 / 4, 4 / 3)),

@@ -8,7 +8,9 @@ at the end of this file); more plug in with ``@register_source(name)``.
 
 Splits: the pipeline asks for 'train' and evaluators for 'heldout' (or a name of their own); real sources map
 'train' -> ``data.train_split`` and 'heldout' -> ``data.heldout_split`` (`resolve_split`). For split 'train',
-``data.caption_noise`` > 0 wraps any non-synthetic source in `noise.NoisyCaptions`.
+``data.caption_noise`` > 0 wraps any non-synthetic source in `noise.NoisyCaptions`, and then
+``data.train_fraction`` < 1 cuts it to a nested, seeded subset (`subset.TrainSubset`, which re-numbers the records:
+``record['index']`` always indexes the returned source).
 """
 
 from __future__ import annotations
@@ -66,6 +68,22 @@ def build_source(data_config: Any, split: str) -> Source:
         skips.set_gauge("caption_noise/dataset_rate", source.realised_rate)
         logging.info("caption_noise=%g: %.4f of %d training records have a swapped caption", rate,
                      source.realised_rate, len(source))
+    if split == "train":
+        source = _train_subset(data_config, source)
+    return source
+
+
+def _train_subset(data_config: Any, source: Source) -> Source:
+    """`source` cut to ``data.train_fraction`` of its records (`subset.TrainSubset`; nested, seeded by data.seed)."""
+    value = data_config.get("train_fraction", 1.0)
+    fraction = 1.0 if value is None else float(value)
+    if fraction == 1.0:
+        return source
+    from softalign.data import skips, subset
+    source = subset.TrainSubset(source, fraction, seed=int(data_config.get("seed", 0) or 0))
+    skips.set_gauge("train_fraction/records", len(source))
+    logging.info("train_fraction=%g: training on %d of the %d records of the train split", fraction, len(source),
+                 source.full_size)
     return source
 
 
@@ -115,6 +133,8 @@ def sample_captions(data_config: Any, num: int, split: str = "train") -> list[st
         from softalign.data.synthetic import caption_corpus
         return caption_corpus(num, seed=int(data_config.get("seed", 0)))
     source = _BUILDERS[data_config.get("source")](data_config, split)   # no caption noise here
+    if split == "train":
+        source = _train_subset(data_config, source)   # the tokenizer sees only the records the run trains on
     n = len(source)
     captions: list[str] = []
     for position in np.linspace(0, n - 1, min(n, max(num, 1))).astype(np.int64):
