@@ -25,7 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
     # tokenizer.path: a tokenizer.json (e.g. CLIP's own). Empty: train a BPE on the source's captions and keep it in
     # the workdir, so a resumed run uses the same vocabulary.
     c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=1024, num_captions=20_000))
-    c.init_from = ""  # reserved for fine-tuning from converted weights
+    # init_from: fine-tune from these weights: an open_clip / OpenAI CLIP checkpoint (.safetensors, .pt, .bin) or
+    # softalign params (.msgpack from python -m softalign.convert). Used when the workdir has no checkpoint yet (a
+    # resumed run continues from its own); the model config must match it (softalign/convert.py checks every shape).
+    c.init_from = ""
 
     c.batch_size = 128  # global
     c.eval_batch_size = 256
@@ -48,10 +51,14 @@ def base_config() -> ml_collections.ConfigDict:
         ramp_end=-1,  # -1: num_steps
         subset_fraction=0.5,  # rho
         subset_groups=0,  # strata of S; 0: one per data shard (keeps the teacher's forward on local rows)
-        teacher="ema",  # self | ema | snapshot
+        teacher="ema",  # self | ema | snapshot | memory
         temperature=1.0,  # tau_d: divides the teacher logits (teacher keeps its own logit scale)
         ema_momentum=0.99,
         snapshot_every=1000,
+        # memory teacher: storage dtype of its host bank of per-record embeddings (float32 | float16 | bfloat16).
+        # Host RAM per process: train records x (2 x embed_dim x itemsize + 4) bytes, e.g. 23 GiB for CC12M at
+        # D=512 in float16; twice that briefly while a checkpoint is saved.
+        memory_dtype="float32",
     ))
 
     c.log_every = 50

@@ -7,8 +7,9 @@ from typing import Any
 
 import ml_collections
 
-from softalign import psd
+from softalign import memory_bank, psd
 from softalign.data.sources import available_sources
+from softalign.data.subset import subset_size
 from softalign.models.clip import validate_model_config
 from softalign.teachers import TEACHERS
 
@@ -70,8 +71,16 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
              f"batch_size={config.batch_size}")
     _require(0.0 <= p.ema_momentum < 1.0, f"psd.ema_momentum={p.ema_momentum} must be in [0, 1)")
     _require(p.snapshot_every > 0, f"psd.snapshot_every={p.snapshot_every} must be positive")
+    _require(p.memory_dtype in memory_bank.DTYPES,
+             f"psd.memory_dtype={p.memory_dtype!r} is not one of {sorted(memory_bank.DTYPES)}")
     o = config.optim
     _require(o.lr > 0 and o.warmup_steps >= 0 and o.weight_decay >= 0,
              "optim.lr must be positive; optim.warmup_steps and optim.weight_decay non-negative")
-    _require(config.data.source != "synthetic" or config.data.train_size >= config.batch_size,
-             f"data.train_size={config.data.train_size} is smaller than one global batch ({config.batch_size})")
+    fraction = config.data.get("train_fraction", 1.0)
+    _require(isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0,
+             f"data.train_fraction={fraction} must be in (0, 1]: the fraction of the train split to train on")
+    records = subset_size(fraction, config.data.train_size)
+    _require(config.data.source != "synthetic" or records >= config.batch_size,
+             f"data.train_size={config.data.train_size}"
+             + (f" x data.train_fraction={fraction:g} = {records} records" if fraction < 1.0 else "")
+             + f" is smaller than one global batch ({config.batch_size})")

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 from typing import Any
 
 import clu.metrics
@@ -23,9 +24,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from etils import epath
 
-from softalign import checkpointing, config_checks, metric_io, sharding
+from softalign import checkpointing, config_checks, convert, memory_bank, metric_io, sharding
 from softalign.data import pipeline
-from softalign.data.sources import sample_captions
+from softalign.data.sources import build_source, sample_captions
 from softalign.data.tokenizer import Tokenizer, corpus_tokenizer, synthetic_tokenizer
 from softalign.evaluation import suite
 from softalign.models import CLIP, build_model
@@ -35,6 +36,7 @@ from softalign.teachers import make_teacher
 
 TOKENIZER_FILE = "tokenizer.json"
 RESULTS_FILE = "eval_results.json"
+DONE_FILE = "done.json"  # written last when a run completes: what sweeps use to tell finished runs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,6 +81,10 @@ def resolve_config(config: Any, tokenizer: Tokenizer) -> ml_collections.ConfigDi
             f"model.text.vocab_size={text.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     if text.eot_id < 0:
         text.eot_id = tokenizer.eot_id
+    elif text.eot_id != tokenizer.eot_id:  # the text tower pools at eot_id: it must be the tokenizer's
+        raise config_checks.ConfigError(
+            f"model.text.eot_id={text.eot_id} but the tokenizer's end-of-text id is {tokenizer.eot_id} "
+            "(set it to -1 to take it from the tokenizer)")
     return config
 
 
@@ -114,13 +120,17 @@ def build_run(config: Any, workdir: str) -> Run:
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     tokens = jnp.zeros((1, config.model.text.context_length), jnp.int32)
 
-    def init_state():
+    pretrained = convert.init_from_params(config, workdir)  # None unless init_from is set and the run is fresh
+
+    def init_state(pretrained=None):
         params = model.init(jax.random.key(config.seed), images, tokens)["params"]
+        if pretrained is not None:  # fine-tuning: converted open_clip / OpenAI weights (shapes checked)
+            params = pretrained
         return create_state(params, tx, teacher, config.seed)
 
     state_shardings = sharding.state_sharding(mesh, jax.eval_shape(init_state), fsdp_min_size=config.fsdp_min_size,
                                               rules=[tuple(r) for r in config.sharding_rules])
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+    state = jax.jit(init_state, out_shardings=state_shardings)(pretrained)
     step_fn = make_train_step(model=model, tx=tx, lr_schedule=lr_schedule, teacher=teacher, psd_config=config.psd,
                               num_steps=config.num_steps, mesh=mesh, batch_size=config.batch_size,
                               loss_chunk_size=config.loss_chunk_size, grad_accum_steps=config.grad_accum_steps)
@@ -152,6 +162,19 @@ def _write_results(workdir: str, step: int, results: dict[str, dict[str, float]]
     if jax.process_index() == 0:
         text = json.dumps({"step": step, "results": results}, indent=2, sort_keys=True)
         (epath.Path(workdir) / RESULTS_FILE).write_text(text)
+
+
+def _write_done(workdir: str, step: int, num_steps: int, wall_seconds: float, train: dict[str, float]) -> None:
+    """Marks the run complete: ``done.json`` with the final step, ``num_steps``, this process's wall seconds and
+    the last logged train metrics. Written after ``eval_results.json``, staged and renamed, so it never exists for
+    an unfinished run."""
+    if jax.process_index() == 0:
+        text = json.dumps({"step": step, "num_steps": num_steps, "wall_seconds": round(wall_seconds, 3),
+                           "train": train, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2,
+                          sort_keys=True)
+        staged = epath.Path(workdir) / (DONE_FILE + ".tmp")
+        staged.write_text(text)
+        staged.rename(epath.Path(workdir) / DONE_FILE)
 
 
 def _metrics_collection(names):
@@ -196,8 +219,28 @@ def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
             f"The last good checkpoint (step {ckpt.latest_step()}) is kept.")
 
 
+def _make_memory_bank(config: Any, ckpt: checkpointing.Checkpointer,
+                      restored_step: int | None) -> memory_bank.MemoryBank | None:
+    """The ``memory`` teacher's host bank (None for other teachers): one row per train record, since
+    ``batch['index']`` is the record's index in the train split; restored from checkpoint ``restored_step``."""
+    if not getattr(make_teacher(config.psd), "host_memory", False):
+        return None
+    size = len(build_source(config.data, "train"))
+    bank = memory_bank.MemoryBank(size, config.model.embed_dim, config.psd.memory_dtype)
+    print(bank.describe(), flush=True)
+    logging.info("%s", bank.describe())
+    if restored_step is not None:
+        saved = ckpt.restore_memory(restored_step)
+        if saved is None:
+            logging.warning("checkpoint %d has no memory bank: the memory teacher starts empty", restored_step)
+        else:
+            bank.load(saved)
+    return bank
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]:
     """Trains (or resumes) in ``workdir`` and returns the final evaluation results."""
+    started = time.time()
     run = build_run(config, workdir)
     config = run.config
     is_main = jax.process_index() == 0
@@ -223,19 +266,30 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]
         print(f"Run complete ({step}/{last} steps); re-evaluating the final checkpoint.", flush=True)
         results = evaluate(run, evaluators, state.params)
         report(results, evaluators, step, final=True)
+        if not (epath.Path(workdir) / DONE_FILE).exists():  # e.g. killed after the final save: complete it now
+            if not (epath.Path(workdir) / RESULTS_FILE).exists():
+                _write_results(workdir, step, results)
+            _write_done(workdir, step, last, time.time() - started, {})
         ckpt.close()
         return results
 
+    bank = _make_memory_bank(config, ckpt, step if restored is not None else None)
     batch_sharding = sharding.batch_sharding(run.mesh)
     progress = metric_io.ProgressReporter(last, writer, every_secs=30)
     stop_flag = _StopFlag()
     results: dict[str, dict[str, float]] = {}
     accumulated = None
+    last_train: dict[str, float] = {}
     try:
         stopping = False
         while step < end and not stopping:
-            batch = pipeline.to_global_batch(next(data_iter), batch_sharding)
+            local = next(data_iter)
+            if bank is not None:  # the memory teacher's rows of this batch, looked up on the host
+                local = {**local, **bank.lookup(local["index"])}
+            batch = pipeline.to_global_batch(local, batch_sharding)
             state, metrics = run.train_step(state, batch)
+            if bank is not None:  # writes back the previous step's embeddings; this step's stay pending
+                bank.stage(metrics.pop(memory_bank.MEMORY_OUTPUT), step)
             step += 1
             if accumulated is None:
                 collection = _metrics_collection(metrics.keys())
@@ -245,7 +299,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]
             progress(step, examples=config.batch_size)
             if step % config.log_every == 0 or step == end:
                 _check_finite(state, ckpt)
-                writer.write_scalars(step, {f"train/{k}": v for k, v in accumulated.compute().items()})
+                last_train = {f"train/{k}": float(v) for k, v in accumulated.compute().items()}
+                writer.write_scalars(step, last_train)
                 data_metrics = pipeline.data_metrics()  # data/skipped/<reason>, data/caption_noise/*, ...
                 if data_metrics:
                     writer.write_scalars(step, data_metrics)
@@ -260,13 +315,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, dict[str, float]]
             if step % config.checkpoint_every == 0 or step == end or stopping:
                 _check_finite(state, ckpt)
                 with progress.timed("checkpoint"):
-                    ckpt.save(step, state, data_iter, force=True)
+                    ckpt.save(step, state, data_iter, force=True,
+                              memory=None if bank is None else bank.state_dict())
         if step >= last:
             with progress.timed("eval"):
                 results = evaluate(run, evaluators, state.params)
             _write_eval(writer, step, results)
             report(results, evaluators, step, final=True)
             _write_results(workdir, step, results)
+            _write_done(workdir, step, last, time.time() - started, last_train)
     finally:
         stop_flag.restore()
         data_iter.close()  # stops Grain worker processes, if any
