@@ -6,6 +6,7 @@ from softalign.config_base import base_config
 def tiny_config(**overrides):
     c = base_config()
     m = c.model
+    m.dtype = "float32"  # the exactness tests compare float32 runs; bfloat16 has its own tests
     m.embed_dim = 16
     m.vision.update(image_size=8, patch_size=4, width=32, depth=1, num_heads=2)
     m.text.update(context_length=24, width=32, depth=1, num_heads=2)

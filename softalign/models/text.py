@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from softalign.models.layers import Transformer, layer_norm
+from softalign.models.layers import Dense, Transformer, layer_norm
 
 Dtype = Any
 
@@ -75,7 +75,7 @@ class TextTransformer(nn.Module):
         x = layer_norm("ln_final")(x)
         idx = eot_positions(tokens, self.eot_id)
         pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
-        out = nn.Dense(
+        out = Dense(
             self.embed_dim,
             use_bias=False,
             dtype=self.dtype,

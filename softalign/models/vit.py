@@ -8,15 +8,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from softalign.models.layers import Transformer, layer_norm
+from softalign.models import matmul
+from softalign.models.layers import Dense, Transformer, layer_norm
 
 Dtype = Any
 
 POOL_TYPES = ("cls", "gap")
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> width, bias-free: a stride-p conv computed as one matmul over flattened
+    patches (XLA's CPU convolution is several times slower for this shape). ``kernel`` keeps the conv layout
+    (p, p, C, width), so weights move to and from a conv (open_clip's ``conv1``) by a transpose.
+    """
+
+    patch_size: int
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        n, h, w, c = images.shape
+        p = self.patch_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width), jnp.float32)
+        patches = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(n, (h // p) * (w // p), p * p * c)
+        return matmul.einsum("npk,kw->npw", patches, kernel.reshape(p * p * c, self.width), self.dtype)
+
+
 class VisionTransformer(nn.Module):
-    """Patchify (bias-free conv) -> [cls] + positions -> ln_pre -> transformer -> ln_post -> pool -> proj.
+    """Patchify (bias-free p x p patch projection) -> [cls] + positions -> ln_pre -> transformer -> ln_post -> pool -> proj.
 
     Input: float images (n, H, W, C), NHWC. Output: float32 (n, embed_dim), not normalised.
     Params: ``patch_embed/kernel`` (p, p, C, width), ``cls_token`` (width,) (pool='cls' only),
@@ -57,18 +78,8 @@ class VisionTransformer(nn.Module):
                 f"Expected images of shape (n, {self.image_size}, {self.image_size}, C), got {images.shape}."
             )
         scale = self.width**-0.5
-        x = nn.Conv(
-            self.width,
-            kernel_size=(self.patch_size, self.patch_size),
-            strides=(self.patch_size, self.patch_size),
-            padding="VALID",
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="patch_embed",
-        )(images.astype(self.dtype))
-        n = x.shape[0]
-        x = x.reshape(n, self.grid_size * self.grid_size, self.width).astype(jnp.float32)
+        n = images.shape[0]
+        x = PatchEmbed(self.patch_size, self.width, dtype=self.dtype, name="patch_embed")(images)
 
         num_tokens = self.grid_size * self.grid_size
         if self.pool == "cls":
@@ -94,7 +105,7 @@ class VisionTransformer(nn.Module):
         x = layer_norm("ln_post")(x)
         # open_clip applies ln_post to every token and pools afterwards; both orders agree for 'cls'.
         pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
-        out = nn.Dense(
+        out = Dense(
             self.embed_dim,
             use_bias=False,
             dtype=self.dtype,
