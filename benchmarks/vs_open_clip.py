@@ -251,7 +251,7 @@ def main() -> None:
     import torch
 
     print(f"\n{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"model {args.model}, batch {args.batch}, float32, {args.rounds} rounds x {args.steps} steps, medians\n")
+          f"model {args.model}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, medians\n")
     print("| image | impl | params | matmul inputs | step (ms) | samples/s | GFLOP/step | MFU | warm-up (s) | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
