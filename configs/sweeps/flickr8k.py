@@ -1,7 +1,7 @@
 """Flickr8k scaling sweep: method x caption noise x data size, a small ViT-Ti-like CLIP, equal steps and batch
-for every method: 150 steps at batch 128 (~3 epochs of Flickr8k). A run takes about 5.7 minutes on 2 quiet CPU
-cores: measured 1.82 s/step for PSD-EMA (1.73 for CLIP) and 66 s of start-up, compilation and final evaluation;
-2-3 times longer while other jobs share the cores.
+for every method: 150 steps at batch 128 (~3 epochs of Flickr8k). A run took 3.5-4.5 minutes on 2 quiet CPU
+cores with the default bfloat16 compute (start-up, compilation and the final evaluation included), and 6-8
+minutes while other jobs shared the cores; the 13 runs took 78 minutes in all (docs/results.md).
 
 Prepare the data once (ArrayRecord + a BPE fitted to the training captions; docs/data.md), then launch:
 
@@ -31,7 +31,7 @@ from softalign.sweep import grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")   # ../shared/data beside the checkout
-NUM_STEPS = 150      # 150 x 1.82 s/step (PSD-EMA, 2 quiet cores) + 66 s start-up and evaluation: ~5.7 min a run
+NUM_STEPS = 150      # ~3 epochs; 3.5-4.5 min a run on 2 quiet cores
 SNAPSHOT_EVERY = 30  # the snapshot teacher is refreshed 5 times in a run
 
 METHODS = {

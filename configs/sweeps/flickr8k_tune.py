@@ -1,6 +1,6 @@
 """PSD knob tuning on Flickr8k at caption noise 0.5 (EMA teacher), one knob at a time around the defaults of
-configs/sweeps/flickr8k.py (same model, data, steps and evaluations; about 5.7 minutes a run, 10 runs with one
-seed). Choose on Flickr8k val retrieval; CIFAR-10 zero-shot is reported too.
+configs/sweeps/flickr8k.py (same model, data, steps and evaluations; 3.5-4.5 minutes a run on quiet cores,
+10 runs with one seed). Choose on Flickr8k val retrieval; CIFAR-10 zero-shot is reported too.
 
     python -m softalign.sweep launch --sweep=configs/sweeps/flickr8k_tune.py --root=/tmp/sweep-f8k-tune
     python -m softalign.sweep aggregate --root=/tmp/sweep-f8k-tune --x=alpha_max,rho,ramp,ema_momentum \\
