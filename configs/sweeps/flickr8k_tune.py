@@ -1,13 +1,14 @@
 """PSD knob tuning on Flickr8k at caption noise 0.5 (EMA teacher), one knob at a time around the defaults of
-configs/sweeps/flickr8k.py (same model, data, steps and evaluations; 3.5-4.5 minutes a run on quiet cores,
-10 runs with one seed). Choose on Flickr8k val retrieval; CIFAR-10 zero-shot is reported too.
+configs/sweeps/flickr8k.py (same model, data, steps and evaluations; 10 runs with one seed). Choose on Flickr8k
+val retrieval; CIFAR-10 zero-shot is reported too. The sensitivity table in docs/results.md was measured at the
+earlier 150-step budget of that file (git commit 736dec1).
 
     python -m softalign.sweep launch --sweep=configs/sweeps/flickr8k_tune.py --root=/tmp/sweep-f8k-tune
     python -m softalign.sweep aggregate --root=/tmp/sweep-f8k-tune --x=alpha_max,rho,ramp,ema_momentum \\
         --metrics='flickr8k_val/*_R@1,flickr8k_val/*_R@5,flickr8k_val/*_R@10'
 
 Knobs: alpha_max {0.25, 0.5, 0.75, 1.0}, subset fraction rho {0.25, 0.5, 1.0}, ramp {linear, cosine, constant},
-ema_momentum {0.95, 0.98, 0.99} (defaults: 0.5, 0.5, linear, 0.98). ``--seeds=0,1`` repeats every run per seed.
+ema_momentum {0.95, 0.98, 0.99} (defaults: 0.5, 0.5, linear, 0.99). ``--seeds=0,1`` repeats every run per seed.
 """
 
 import os
