@@ -44,8 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
         lr=1e-3, warmup_steps=100, min_lr_ratio=0.0, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6, grad_clip=1.0))
 
     # PSD (METHOD.md). alpha_max=0 is plain CLIP InfoNCE. Defaults per the Flickr8k study (docs/results.md): the
-    # EMA teacher was the best teacher at 50% caption noise (ahead of CLIP on i2t in 3 of 3 seeds, by ~1 std), and
-    # no alpha_max / rho / ramp / momentum setting tried beat these, so they stay at METHOD.md's values.
+    # EMA teacher was the best teacher at 50% caption noise (ahead of CLIP on i2t R@5 in 3 of 3 seeds, by ~1
+    # std), and no alpha_max / rho / ramp / momentum setting tried beat these, so they stay at METHOD.md's values.
     c.psd = ml_collections.ConfigDict(dict(
         alpha_max=0.5,
         ramp="linear",  # linear | cosine | constant

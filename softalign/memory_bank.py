@@ -2,9 +2,10 @@
 
 The bank holds, in host RAM as numpy (never on the accelerator), an image and a text embedding per record of the
 train split plus the step that wrote them (-1: never seen), indexed by the record index the Grain pipeline puts
-in ``batch["index"]`` (the record's number in the train source, in ``[0, len(train source))``, the same for a record
-in every epoch; with ``data.train_fraction < 1`` it is the position in the subset). Memory per process: ``N * (2 * D * itemsize + 4)`` bytes; every process keeps the whole bank (all write
-the same gathered global batch), and an Orbax save deep-copies it on the host, so the peak is twice that.
+in ``batch["index"]`` (the record's number in the train source, in ``[0, len(train source))``, the same for a
+record in every epoch; with ``data.train_fraction < 1`` it is the position in the subset). Memory per process:
+``N * (2 * D * itemsize + 4)`` bytes; every process keeps the whole bank (all write the same gathered global
+batch), and an Orbax save deep-copies it on the host, so the peak is twice that.
 
 The train loop (``softalign/train.py``) runs, for step t:
 
