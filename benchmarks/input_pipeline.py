@@ -34,9 +34,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import data_fixtures  # noqa: E402
 import numpy as np  # noqa: E402
 
-from softalign.data import convert, decode, fixtures, pipeline, sources  # noqa: E402
+from softalign.data import convert, decode, pipeline, sources
 from softalign.data.tokenizer import corpus_tokenizer  # noqa: E402
 
 WORDS = ("a man woman dog child cat bicycle red blue green small large runs sits stands jumps near on beside under "
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _one_image(args_seed: tuple[int, int, int]) -> bytes:
     width, height, seed = args_seed
-    return fixtures.jpeg(np.random.default_rng(seed), width, height, quality=90)
+    return data_fixtures.jpeg(np.random.default_rng(seed), width, height, quality=90)
 
 
 def make_dataset(root: str, n: int, width: int, height: int) -> tuple[str, dict[str, float]]:
@@ -83,7 +84,7 @@ def make_dataset(root: str, n: int, width: int, height: int) -> tuple[str, dict[
         rng = np.random.default_rng(0)
         items = [(f"{i:06d}.jpg", data, [" ".join(rng.choice(WORDS, int(rng.integers(6, 14)))) for _ in range(5)])
                  for i, data in enumerate(images)]
-        fixtures.write_folder(folder, items)
+        data_fixtures.write_folder(folder, items)
         stats["jpeg_kb"] = float(np.mean([len(d) for d in images]) / 1024)
         t0 = time.perf_counter()
         convert.main(["--source=folder", f"--input={folder}", f"--output_dir={out}", "--quiet", "--overwrite"])
@@ -169,15 +170,16 @@ def measure_steps(models: list[str], batch: int) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from softalign import config_base, sharding
+    from softalign.config import schema
     from softalign.models import build_model, model_preset
-    from softalign.optim import make_optimizer
-    from softalign.step import create_state, jit_train_step, make_train_step
-    from softalign.teachers import make_teacher
+    from softalign.objectives.teachers import make_teacher
+    from softalign.parallel import sharding
+    from softalign.training.optim import make_optimizer
+    from softalign.training.step import create_state, jit_train_step, make_train_step
 
     out = {}
     for name in models:
-        c = config_base.base_config()
+        c = schema.base_config()
         c.model = model_preset(name)
         size, ctx = c.model.vision.image_size, c.model.text.context_length
         mesh = sharding.make_mesh(1)

@@ -42,11 +42,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from softalign import config_base, sharding  # noqa: E402
+from softalign.config import schema
 from softalign.models import build_model, model_preset  # noqa: E402
-from softalign.optim import make_optimizer  # noqa: E402
-from softalign.step import create_state, jit_train_step, make_train_step  # noqa: E402
-from softalign.teachers import make_teacher  # noqa: E402
+from softalign.objectives.teachers import make_teacher  # noqa: E402
+from softalign.parallel import sharding  # noqa: E402
+from softalign.training.optim import make_optimizer  # noqa: E402
+from softalign.training.step import create_state, jit_train_step, make_train_step  # noqa: E402
 
 MODELS = ("demo", "vitb16")
 # Per-model defaults for --rounds / --steps-per-round (the B/16 step takes seconds on 2 CPU cores).
@@ -92,11 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_config(name: str, args: argparse.Namespace) -> tuple[Any, int, str]:
     """Returns (experiment config, batch size, label) for one benchmarked model."""
     if name == "demo":
-        c = config_base.demo_config()  # 32 px, patch 4, width 128, depth 3, context 40
+        c = schema.demo_config()  # 32 px, patch 4, width 128, depth 3, context 40
         c.model.text.vocab_size, c.model.text.eot_id = 1024, 2
         batch, label = args.batch_demo, "demo"
     else:
-        c = config_base.base_config()
+        c = schema.base_config()
         c.model = model_preset("ViT-B/16")  # 224 px, patch 16, 768x12 vision, 512x12 text, context 77
         c.model.text.vocab_size, c.model.text.eot_id = 49408, 49407
         if args.vitb16_depth != 12:

@@ -22,11 +22,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from softalign import config_base, sharding  # noqa: E402
+from softalign.config import schema
 from softalign.models import build_model, model_preset  # noqa: E402
-from softalign.optim import make_optimizer  # noqa: E402
-from softalign.step import create_state, jit_train_step, make_train_step  # noqa: E402
-from softalign.teachers import make_teacher  # noqa: E402
+from softalign.objectives.teachers import make_teacher  # noqa: E402
+from softalign.parallel import sharding  # noqa: E402
+from softalign.training.optim import make_optimizer  # noqa: E402
+from softalign.training.step import create_state, jit_train_step, make_train_step  # noqa: E402
 
 
 def matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
@@ -43,7 +44,7 @@ def matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
 
 
 def build(args, teacher: str, alpha: float):
-    c = config_base.base_config()
+    c = schema.base_config()
     c.model = model_preset(args.model)
     c.model.dtype = args.dtype
     if args.image_size:

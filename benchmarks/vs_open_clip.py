@@ -53,13 +53,14 @@ class SoftalignWorker:
         import jax
         import numpy as np
 
-        from softalign import config_base, sharding
+        from softalign.config import schema
         from softalign.models import build_model
-        from softalign.optim import make_optimizer
-        from softalign.step import create_state, jit_train_step, make_train_step
-        from softalign.teachers import make_teacher
+        from softalign.objectives.teachers import make_teacher
+        from softalign.parallel import sharding
+        from softalign.training.optim import make_optimizer
+        from softalign.training.step import create_state, jit_train_step, make_train_step
 
-        c = config_base.base_config()
+        c = schema.base_config()
         vw, vd, vh, patch = spec["vision"]
         tw, td, th = spec["text"]
         c.model.embed_dim = spec["embed"]
@@ -262,8 +263,8 @@ def main() -> None:
                   f"{x['samples_s']:.1f} | {r['flops'] / 1e9:.1f} | {100 * x['mfu']:.1f}% | {x['warmup_s']:.1f} | "
                   f"{ratio} |")
     peaks = {impl: max(r[impl]["peak"] for r in results) / 1e9 for impl in ("softalign", "open_clip")}
-    print(f"\nMFU: the FLOPs of softalign's compiled step (XLA cost analysis) over the matmul peak each worker measured "
-          f"in its own compute dtype, float32 accumulation: softalign (JAX) {peaks['softalign']:.0f} GFLOP/s, "
+    print(f"\nMFU: the FLOPs of softalign's compiled step (XLA cost analysis) over the matmul peak each worker "
+          f"measured in its own compute dtype, float32 accumulation: softalign (JAX) {peaks['softalign']:.0f} GFLOP/s, "
           f"open_clip (torch) {peaks['open_clip']:.0f} GFLOP/s.")
     print(f"command: python benchmarks/vs_open_clip.py {' '.join(sys.argv[1:])}")
     if args.json:

@@ -3,7 +3,7 @@
     python -m softalign.main --config=configs/clip_baseline.py --workdir=/tmp/sa-clip
 """
 
-from softalign.config_base import demo_config
+from softalign.config.schema import demo_config
 
 
 def get_config():

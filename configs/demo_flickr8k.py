@@ -14,7 +14,7 @@ non-synthetic sources). The held-out evaluation is image<->text retrieval on the
 
 import ml_collections
 
-from softalign.config_base import base_config
+from softalign.config.schema import base_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ Data: img2dataset webdataset shards (NNNNN.tar with key.jpg/key.txt) under data.
 with --config.data.source=arrayrecord|folder|tfds.
 """
 
-from softalign.config_base import base_config
+from softalign.config.schema import base_config
 from softalign.models.presets import model_preset
 
 

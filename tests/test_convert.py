@@ -16,13 +16,15 @@ open_clip = pytest.importorskip("open_clip", reason="interop tests need open_cli
                                 "pip install -r requirements-interop.txt")
 import safetensors.torch  # noqa: E402  (an open_clip dependency)
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
-
-from softalign import convert, train  # noqa: E402
-from softalign.config_checks import ConfigError  # noqa: E402
-from softalign.data.clip_bpe import build_clip_tokenizer  # noqa: E402
-from softalign.data.tokenizer import Tokenizer  # noqa: E402
-from softalign.models import CLIP, build_model, model_preset  # noqa: E402
 from tiny import tiny_config  # noqa: E402
+
+from softalign.cli import convert as convert_cli  # noqa: E402
+from softalign.config.errors import ConfigError  # noqa: E402
+from softalign.data.tokenizer import Tokenizer  # noqa: E402
+from softalign.interop import weight_files, weights  # noqa: E402
+from softalign.interop.clip_bpe import build_clip_tokenizer  # noqa: E402
+from softalign.models import CLIP, build_model, model_preset  # noqa: E402
+from softalign.training import train  # noqa: E402
 
 MAX_REL_ERR = 1e-4
 # A small CLIP with different tower widths, so a swapped transpose or tower cannot go unnoticed.
@@ -123,7 +125,7 @@ def test_tiny_forward_matches_open_clip(tmp_path, activation, suffix):
     else:
         torch.save(oc.state_dict(), path)
     cfg = softalign_config(activation=activation)
-    params = convert.load_pretrained(path, cfg)
+    params = weights.load_pretrained(path, cfg)
     errors = compare(oc, params, cfg)
     print(f"tiny {activation} via {suffix}: max relative error image {errors[0]:.2e}, text {errors[1]:.2e}")
     assert max(errors) <= MAX_REL_ERR, errors
@@ -135,18 +137,18 @@ def test_round_trip_is_exact_and_loads_into_open_clip(tmp_path):
     oc = tiny_open_clip(seed=3)
     sd = state_dict(oc)
     cfg = softalign_config()
-    params = convert.state_dict_to_params(sd, cfg)
-    back = convert.params_to_state_dict(params)
+    params = weights.state_dict_to_params(sd, cfg)
+    back = weights.params_to_state_dict(params)
     assert set(back) == set(sd)
     for key, value in sd.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
-    again = convert.state_dict_to_params(back, cfg)
+    again = weights.state_dict_to_params(back, cfg)
     jax.tree.map(np.testing.assert_array_equal, again, params)
     # The export is a state dict open_clip itself loads (strict: every key, no extra ones).
-    convert.save_state_dict(back, str(tmp_path / "export.safetensors"))
+    weight_files.save_state_dict(back, str(tmp_path / "export.safetensors"))
     fresh = tiny_open_clip(seed=9)
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in
-                           convert.load_state_dict(str(tmp_path / "export.safetensors")).items()}, strict=True)
+                           weight_files.load_state_dict(str(tmp_path / "export.safetensors")).items()}, strict=True)
     images, tokens = random_inputs(cfg)
     with torch.no_grad():
         np.testing.assert_array_equal(fresh.encode_text(torch.from_numpy(tokens)).numpy(),
@@ -157,10 +159,10 @@ def test_scan_layers_stack_and_unstack():
     oc = tiny_open_clip(seed=4)
     cfg = softalign_config()
     cfg.scan_layers = True
-    params = convert.state_dict_to_params(state_dict(oc), cfg)
+    params = weights.state_dict_to_params(state_dict(oc), cfg)
     assert params["vision"]["transformer"]["resblocks"]["block"]["ln_1"]["scale"].shape == (2, 64)
     assert max(compare(oc, params, cfg)) <= MAX_REL_ERR
-    for key, value in convert.params_to_state_dict(params).items():
+    for key, value in weights.params_to_state_dict(params).items():
         np.testing.assert_array_equal(value, state_dict(oc)[key], err_msg=key)
 
 
@@ -170,47 +172,47 @@ def test_checkpoint_wrappers_and_torchscript(tmp_path):
     sd = state_dict(oc)
     wrapped = str(tmp_path / "epoch_1.pt")  # an open_clip training checkpoint, saved from DDP
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in oc.state_dict().items()}}, wrapped)
-    loaded = convert.load_state_dict(wrapped)
+    loaded = weight_files.load_state_dict(wrapped)
     assert set(loaded) == set(sd) and all(np.array_equal(loaded[k], sd[k]) for k in sd)
     half = str(tmp_path / "bf16.safetensors")  # numpy has no bfloat16: the reader falls back to ml_dtypes
     safetensors.torch.save_file({k: v.bfloat16() for k, v in oc.state_dict().items()}, half)
-    loaded = convert.load_state_dict(half)
+    loaded = weight_files.load_state_dict(half)
     assert loaded["visual.proj"].dtype == np.float32
     np.testing.assert_array_equal(loaded["visual.proj"], oc.visual.proj.detach().bfloat16().float().numpy())
     images, tokens = random_inputs(softalign_config(), n=1)
     jit = str(tmp_path / "openai_jit.pt")  # OpenAI ships TorchScript archives
     torch.jit.trace(oc, (torch.from_numpy(images), torch.from_numpy(tokens)), check_trace=False).save(jit)
-    loaded = convert.load_state_dict(jit)
+    loaded = weight_files.load_state_dict(jit)
     loaded["attn_mask"] = np.zeros((16, 16), np.float32)  # non-parameter buffers are ignored explicitly
-    params = convert.state_dict_to_params(loaded, softalign_config())
+    params = weights.state_dict_to_params(loaded, softalign_config())
     np.testing.assert_array_equal(params["text"]["proj"]["kernel"], sd["text_projection"])
 
 
 def test_vitb32_mapping_and_config_errors():
     sd = state_dict(open_clip.create_model("ViT-B-32", pretrained=None))  # random init; nothing downloaded
-    inferred = convert.infer_model_config(sd)
-    assert convert.describe(inferred) == "ViT-B/32" and inferred.text.eot_id == 49407
+    inferred = weights.infer_model_config(sd)
+    assert weights.describe(inferred) == "ViT-B/32" and inferred.text.eot_id == 49407
     assert inferred.embed_dim == 512
     assert inferred.vision.to_dict() == model_preset("ViT-B/32").vision.to_dict()
     assert inferred.text.to_dict() == model_preset("ViT-B/32").text.to_dict()
-    params = convert.state_dict_to_params(sd, model_preset("ViT-B/32"))  # every shape checked against the model
+    params = weights.state_dict_to_params(sd, model_preset("ViT-B/32"))  # every shape checked against the model
     np.testing.assert_array_equal(params["vision"]["patch_embed"]["kernel"][3, 5, 1],
                                   sd["visual.conv1.weight"][:, 1, 3, 5])
     with pytest.raises(ValueError, match=r"checkpoint is ViT-B/32 \(patch 32\) but model.vision.patch_size=16"):
-        convert.state_dict_to_params(sd, model_preset("ViT-B/16"))
+        weights.state_dict_to_params(sd, model_preset("ViT-B/16"))
     bad = dict(sd, **{"visual.transformer.resblocks.3.ln_1.bias": np.zeros(7, np.float32)})
     with pytest.raises(ValueError, match=r"visual.transformer.resblocks.3.ln_1.bias -> "
                                          r"vision/transformer/resblocks_3/ln_1/bias: shape \(7,\)"):
-        convert.state_dict_to_params(bad, model_preset("ViT-B/32"))
+        weights.state_dict_to_params(bad, model_preset("ViT-B/32"))
     extra = dict(sd, logit_bias=np.zeros((), np.float32))
     extra.pop("ln_final.bias")
     with pytest.raises(ValueError, match=r"missing \[ln_final.bias\]; unused \[logit_bias\]"):
-        convert.state_dict_to_params(extra, model_preset("ViT-B/32"))
+        weights.state_dict_to_params(extra, model_preset("ViT-B/32"))
 
 
 def test_vitb16_mapping_and_forward():
     oc = open_clip.create_model("ViT-B-16", pretrained=None).eval()
-    convert.state_dict_to_params(state_dict(oc), model_preset("ViT-B/16"))  # all 12 + 12 blocks, shapes checked
+    weights.state_dict_to_params(state_dict(oc), model_preset("ViT-B/16"))  # all 12 + 12 blocks, shapes checked
     # The forward at B/16's real widths, heads, 224 px, patch 16 and vocabulary, with 2 blocks per tower (the other
     # blocks are the same code and mapping; a full-depth CPU compile would dominate this file's time).
     oc.visual.transformer.resblocks = oc.visual.transformer.resblocks[:2]
@@ -220,7 +222,7 @@ def test_vitb16_mapping_and_forward():
     cfg.vision.depth = cfg.text.depth = 2
     cfg.scan_layers = True  # and through the stacked layout
     cfg.dtype = "float32"
-    params = convert.state_dict_to_params(state_dict(oc), cfg)
+    params = weights.state_dict_to_params(state_dict(oc), cfg)
     errors = compare(oc, params, cfg, n=2)
     print(f"ViT-B/16 (2 blocks per tower): max relative error image {errors[0]:.2e}, text {errors[1]:.2e}")
     assert max(errors) <= MAX_REL_ERR, errors
@@ -254,30 +256,30 @@ def test_init_from_starts_from_the_imported_weights(tmp_path):
                         vision=(v.width, v.depth, v.num_heads), text=(t.width, t.depth, t.num_heads), vocab=1024,
                         context=t.context_length)
     path = str(tmp_path / "tiny_open_clip.safetensors")
-    convert.save_state_dict(state_dict(oc), path)
+    weight_files.save_state_dict(state_dict(oc), path)
     config = tiny_config(init_from=path, **{"model.text.vocab_size": 1024})
     workdir = str(tmp_path / "run")
     run = train.build_run(config, workdir)
-    expected = convert.state_dict_to_params(state_dict(oc), run.config.model)
+    expected = weights.state_dict_to_params(state_dict(oc), run.config.model)
     got = jax.device_get(run.state.params)
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     jax.tree.map(np.testing.assert_array_equal, got, expected)
     # On resume the run's checkpoint wins; a config that does not fit the checkpoint fails in one line.
     os.makedirs(os.path.join(workdir, "checkpoints", "4"))
-    assert convert.init_from_params(run.config, workdir) is None
+    assert weights.init_from_params(run.config, workdir) is None
     wrong = run.config.copy_and_resolve_references()
     wrong.model.vision.patch_size = 2
     with pytest.raises(ConfigError, match=r"init_from=.*patch 4\) but model.vision.patch_size=2"):
-        convert.init_from_params(wrong, str(tmp_path / "fresh"))
+        weights.init_from_params(wrong, str(tmp_path / "fresh"))
 
 
 def test_cli_import_and_export(tmp_path, capsys):
     oc = tiny_open_clip(seed=12)
     src, params, out = (str(tmp_path / n) for n in ("in.safetensors", "params.msgpack", "out.pt"))
-    convert.save_state_dict(state_dict(oc), src)
-    convert.main([f"--input={src}", f"--output={params}"])
+    weight_files.save_state_dict(state_dict(oc), src)
+    convert_cli.main([f"--input={src}", f"--output={params}"])
     assert "-> " + params in capsys.readouterr().out
-    convert.main(["--export", f"--input={params}", f"--output={out}"])
-    back = convert.load_state_dict(out)
+    convert_cli.main(["--export", f"--input={params}", f"--output={out}"])
+    back = weight_files.load_state_dict(out)
     for key, value in state_dict(oc).items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)

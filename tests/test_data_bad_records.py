@@ -11,11 +11,12 @@ import io
 import json
 import os
 
+import data_fixtures
 import grain
 import numpy as np
 import pytest
 
-from softalign.data import convert, fixtures, pipeline, skips, sources
+from softalign.data import convert, pipeline, skips, sources
 from softalign.data.arrayrecord import ArrayRecordSource, encode_record
 from softalign.data.tokenizer import Tokenizer
 
@@ -37,18 +38,18 @@ def _specs(seed=0):
     specs = []
 
     def good(tag):
-        specs.append((f"good{len(specs):03d}{tag}", fixtures.jpeg(rng, 40, 30), [f"photo {len(specs)}".encode()],
+        specs.append((f"good{len(specs):03d}{tag}", data_fixtures.jpeg(rng, 40, 30), [f"photo {len(specs)}".encode()],
                       None, {}))
 
-    for reason, data in fixtures.bad_images(rng).items():
+    for reason, data in data_fixtures.bad_images(rng).items():
         good("")
         specs.append((f"bad{len(specs):03d}", data, [b"a caption"], reason, {}))
-    for reason, caption in fixtures.BAD_CAPTIONS.items():
+    for reason, caption in data_fixtures.BAD_CAPTIONS.items():
         good("")
-        specs.append((f"bad{len(specs):03d}", fixtures.jpeg(rng, 40, 30), [caption], reason, {}))
-    specs.append((f"good{len(specs):03d}long", fixtures.jpeg(rng, 40, 30),
-                  [fixtures.long_caption().encode()], None, {}))
-    specs.append((f"good{len(specs):03d}multi", fixtures.jpeg(rng, 40, 30), [b"", b"a cat", b"a small cat"],
+        specs.append((f"bad{len(specs):03d}", data_fixtures.jpeg(rng, 40, 30), [caption], reason, {}))
+    specs.append((f"good{len(specs):03d}long", data_fixtures.jpeg(rng, 40, 30),
+                  [data_fixtures.long_caption().encode()], None, {}))
+    specs.append((f"good{len(specs):03d}multi", data_fixtures.jpeg(rng, 40, 30), [b"", b"a cat", b"a small cat"],
                   None, {"dropped_caption/empty_caption": 1}))
     good("")
     return specs
@@ -130,14 +131,14 @@ def test_arrayrecord_bad_records(tmp_path, tok):
         return encode_record(image, [c if isinstance(c, bytes) else c for c in captions], key=key)
 
     shard0, shard1, shard2 = (str(tmp_path / f"train-0000{k}-of-00003.array_record") for k in range(3))
-    fixtures.write_arrayrecord(shard0, [rec(s) for s in specs[:half]])
+    data_fixtures.write_arrayrecord(shard0, [rec(s) for s in specs[:half]])
     marker = b"CORRUPT-ME-PLEASE-0123456789"
-    corrupt_spec = ("badcorrupt", fixtures.jpeg(np.random.default_rng(9), 40, 30), [marker], "corrupt_record", {})
+    corrupt_spec = ("badcorrupt", data_fixtures.jpeg(np.random.default_rng(9), 40, 30), [marker], "corrupt_record", {})
     garbage_spec = ("badgarbage", b"", [], "corrupt_record", {})
     in_shard1 = specs[half:-1] + [corrupt_spec, garbage_spec, specs[-1]]
-    fixtures.write_arrayrecord(shard1, [b"\x93not a msgpack map at all" if s is garbage_spec else rec(s)
+    data_fixtures.write_arrayrecord(shard1, [b"\x93not a msgpack map at all" if s is garbage_spec else rec(s)
                                         for s in in_shard1])
-    fixtures.corrupt_record_in_place(shard1, marker)
+    data_fixtures.corrupt_record_in_place(shard1, marker)
     with open(shard2, "wb") as f:                                    # a corrupt shard: not even a footer
         f.write(os.urandom(5000))
     source = sources.build_source({"source": "arrayrecord", "path": str(tmp_path)}, "train")
@@ -169,13 +170,13 @@ def test_webdataset_bad_records(tmp_path, tok):
     shards = tmp_path / "shards"
     shards.mkdir()
     first = [m for s in specs[:half] for m in members(s)]
-    first += [("nocaption.jpg", fixtures.jpeg(rng, 40, 30)), ("nocaption.json", b"{}")]      # missing .txt
+    first += [("nocaption.jpg", data_fixtures.jpeg(rng, 40, 30)), ("nocaption.json", b"{}")]      # missing .txt
     first += [("noimage.txt", b"a caption without its image")]                               # missing image
-    fixtures.write_tar(str(shards / "00000.tar"), first)
+    data_fixtures.write_tar(str(shards / "00000.tar"), first)
     second = [m for s in specs[half:] for m in members(s)]
     cut_key = "lostatcut"
-    second += [(f"{cut_key}.jpg", fixtures.jpeg(rng, 200, 150)), (f"{cut_key}.txt", b"never read")]
-    fixtures.write_tar(str(shards / "00001.tar"), second)
+    second += [(f"{cut_key}.jpg", data_fixtures.jpeg(rng, 200, 150)), (f"{cut_key}.txt", b"never read")]
+    data_fixtures.write_tar(str(shards / "00001.tar"), second)
     data = (shards / "00001.tar").read_bytes()
     start = data.find(f"{cut_key}.jpg".encode())
     (shards / "00001.tar").write_bytes(data[: start + 512 + 1000])  # cut inside the last image's data
@@ -201,8 +202,8 @@ def test_folder_bad_records(tmp_path, tok):
     missing = ("missingfile.jpg", None, [b"its file is not there"])
     items.insert(3, missing)
     names = [name for name, _, _ in items] + ["uncaptioned.jpg"]
-    fixtures.write_folder(str(tmp_path), items, splits={"train": names, "val": [names[0]]})
-    (tmp_path / "images" / "uncaptioned.jpg").write_bytes(fixtures.jpeg(rng, 40, 30))
+    data_fixtures.write_folder(str(tmp_path), items, splits={"train": names, "val": [names[0]]})
+    (tmp_path / "images" / "uncaptioned.jpg").write_bytes(data_fixtures.jpeg(rng, 40, 30))
     source = sources.build_source({"source": "folder", "path": str(tmp_path)}, "train")
     order = [(k + ".jpg", *rest) for k, *rest in specs]
     order.insert(3, ("missingfile.jpg", None, [], "missing_image", {}))

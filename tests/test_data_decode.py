@@ -4,18 +4,19 @@ captions by reason, eval resizing, and the thread-safe skip counter."""
 import concurrent.futures
 import pickle
 
+import data_fixtures
 import numpy as np
 import pytest
 from PIL import Image
 
-from softalign.data import decode, fixtures, pipeline, skips
+from softalign.data import decode, pipeline, skips
 from softalign.data.skips import BadRecord
 from softalign.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def rgb():
-    return fixtures.natural_image(np.random.default_rng(0), 80, 60)
+    return data_fixtures.natural_image(np.random.default_rng(0), 80, 60)
 
 
 @pytest.mark.parametrize("mode,fmt,options", [
@@ -23,7 +24,7 @@ def rgb():
     ("RGBA", "PNG", {}), ("LA", "PNG", {}), ("1", "PNG", {}), ("RGB", "WEBP", {}), ("RGB", "BMP", {}),
 ])
 def test_colour_modes_become_rgb(rgb, mode, fmt, options):
-    data = fixtures.encode(Image.fromarray(rgb).convert(mode), fmt, **options)
+    data = data_fixtures.encode(Image.fromarray(rgb).convert(mode), fmt, **options)
     image = decode.decode_image(data)
     assert image.mode == "RGB" and image.size == (80, 60)
     arr = np.asarray(image)
@@ -34,7 +35,7 @@ def test_colour_modes_become_rgb(rgb, mode, fmt, options):
 
 def test_16_bit_images_are_scaled_not_clipped():
     ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
-    arr = np.asarray(decode.decode_image(fixtures.encode(Image.fromarray(ramp), "PNG")))
+    arr = np.asarray(decode.decode_image(data_fixtures.encode(Image.fromarray(ramp), "PNG")))
     assert arr.shape == (48, 64, 3) and arr.min() == 0 and arr.max() == 255
     assert 120 < arr.mean() < 135          # a clip at 255 would make most of the ramp white
     rgb16 = np.stack([ramp] * 3, axis=-1)
@@ -44,7 +45,7 @@ def test_16_bit_images_are_scaled_not_clipped():
 
 
 def test_draft_mode_decodes_jpeg_smaller(rgb):
-    big = fixtures.encode(fixtures.natural_image(np.random.default_rng(1), 800, 600), "JPEG")
+    big = data_fixtures.encode(data_fixtures.natural_image(np.random.default_rng(1), 800, 600), "JPEG")
     assert decode.decode_image(big).size == (800, 600)
     assert decode.decode_image(big, min_size=100).size == (200, 150)    # 1/4: both sides still >= 100
     assert decode.decode_image(big, min_size=300).size == (400, 300)    # 1/2 keeps the short side at 300
@@ -54,15 +55,15 @@ def test_draft_mode_decodes_jpeg_smaller(rgb):
 
 
 def test_bad_images_by_reason(rgb):
-    for reason, data in fixtures.bad_images(np.random.default_rng(2)).items():
+    for reason, data in data_fixtures.bad_images(np.random.default_rng(2)).items():
         with pytest.raises(BadRecord) as err:
             decode.decode_image(data, min_size=32)
         assert err.value.reason == reason
     with pytest.raises(BadRecord, match="decompression_bomb"):          # below PIL's own limit, above ours
-        decode.decode_image(fixtures.encode(Image.new("RGB", (1200, 1000)), "JPEG"), pixel_limit=1_000_000)
+        decode.decode_image(data_fixtures.encode(Image.new("RGB", (1200, 1000)), "JPEG"), pixel_limit=1_000_000)
     with pytest.raises(BadRecord, match="truncated_image"):
-        decode.decode_image(fixtures.encode(rgb, "JPEG")[:400])
-    png = fixtures.encode(rgb, "PNG")
+        decode.decode_image(data_fixtures.encode(rgb, "JPEG")[:400])
+    png = data_fixtures.encode(rgb, "PNG")
     with pytest.raises(BadRecord) as err:
         decode.decode_image(png[: len(png) // 2])
     assert err.value.reason in (skips.TRUNCATED_IMAGE, skips.BAD_IMAGE)
@@ -72,7 +73,7 @@ def test_truncation_caught_even_when_pil_is_told_to_load_truncated_images(rgb, m
     from PIL import ImageFile
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)      # some library set it globally
     with pytest.raises(BadRecord, match="truncated_image"):
-        decode.decode_image(fixtures.encode(rgb, "JPEG")[:-200])
+        decode.decode_image(data_fixtures.encode(rgb, "JPEG")[:-200])
 
 
 def test_captions():
@@ -96,7 +97,8 @@ def test_captions():
 
 def test_prepare_and_long_caption(rgb):
     tok = Tokenizer.train_bpe(["a dog runs along the beach"] * 10, vocab_size=270, context_length=12)
-    good = decode.prepare({"image": fixtures.encode(rgb, "JPEG"), "captions": [fixtures.long_caption()], "index": 7})
+    good = decode.prepare({"image": data_fixtures.encode(rgb, "JPEG"), "captions": [data_fixtures.long_caption()],
+                           "index": 7})
     assert good["index"] == 7 and len(good["captions"][0]) > 99_000
     row = tok.encode(good["captions"][0])
     assert row[-1] == tok.eot_id and np.all(row[1:-1] != tok.pad_id)     # truncated, eot last
@@ -113,7 +115,7 @@ def test_eval_resize_and_train_crop(rgb):
     assert out.shape == (32, 32, 3)
     np.testing.assert_array_equal(decode.resize_center(rgb[:32, :32], 32), rgb[:32, :32])
     crop = pipeline.DecodeAndAugment(24, (0.5, 1.0))
-    element = crop.random_map({"image": fixtures.encode(rgb, "JPEG"), "captions": ["a", "b"], "index": 0},
+    element = crop.random_map({"image": data_fixtures.encode(rgb, "JPEG"), "captions": ["a", "b"], "index": 0},
                               np.random.default_rng(0))
     assert element["image"].shape == (24, 24, 3) and element["caption"] in ("a", "b")
     assert crop.random_map(skips.Skipped("x"), np.random.default_rng(0)) == skips.Skipped("x")

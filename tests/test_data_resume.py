@@ -6,14 +6,15 @@ shards are disjoint; multi-caption records draw a caption per step deterministic
 deterministic, resumable batches too.
 """
 
+import data_fixtures
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softalign import checkpointing
-from softalign.data import fixtures, pipeline, skips
+from softalign.data import pipeline, skips
 from softalign.data.arrayrecord import encode_record
 from softalign.data.tokenizer import Tokenizer
+from softalign.training import checkpointing
 
 N = 50          # records over 3 shards; batch 8 -> an epoch ends inside batch 7
 BATCH = 8
@@ -23,11 +24,12 @@ BATCH = 8
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ar")
     rng = np.random.default_rng(0)
-    records = [encode_record(fixtures.jpeg(rng, 32, 24), [f"record {i} first", f"record {i} second"], key=str(i))
+    records = [encode_record(data_fixtures.jpeg(rng, 32, 24), [f"record {i} first", f"record {i} second"], key=str(i))
                for i in range(N)]
     bounds = [0, 17, 34, N]
     for k in range(3):
-        fixtures.write_arrayrecord(str(root / f"train-{k:05d}-of-00003.array_record"), records[bounds[k]:bounds[k + 1]])
+        data_fixtures.write_arrayrecord(str(root / f"train-{k:05d}-of-00003.array_record"),
+                                        records[bounds[k]:bounds[k + 1]])
     return str(root)
 
 

@@ -6,11 +6,12 @@ import json
 import os
 import pickle
 
+import data_fixtures
 import numpy as np
 import pytest
 
-from softalign.data import convert, fixtures, noise, pipeline, skips, sources, webdataset
-from softalign.data.arrayrecord import ArrayRecordSource, decode_record, encode_record
+from softalign.data import convert, noise, pipeline, registry, skips, sources, webdataset
+from softalign.data.arrayrecord import decode_record, encode_record
 from softalign.data.folder import build_folder_source
 from softalign.data.tokenizer import Tokenizer, corpus_tokenizer, read_captions
 
@@ -19,7 +20,7 @@ FLICKR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "
 
 def _images(n, seed=0, w=40, h=30):
     rng = np.random.default_rng(seed)
-    return [fixtures.jpeg(rng, w, h) for _ in range(n)]
+    return [data_fixtures.jpeg(rng, w, h) for _ in range(n)]
 
 
 def test_record_format_roundtrip_and_errors():
@@ -41,25 +42,25 @@ def test_shard_paths(tmp_path):
     sub.mkdir()
     (sub / "a.array_record").write_bytes(b"")
     ext = ".array_record"
-    assert [os.path.basename(p) for p in sources.shard_paths(str(tmp_path), "train", ext)] == [
+    assert [os.path.basename(p) for p in registry.shard_paths(str(tmp_path), "train", ext)] == [
         "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
-    assert len(sources.shard_paths(str(tmp_path), "val", ext)) == 1
-    assert sources.shard_paths(str(tmp_path), "test", ext) == [str(sub / "a.array_record")]
-    assert len(sources.shard_paths(str(tmp_path / "{split}-*.array_record"), "train", ext)) == 2
+    assert len(registry.shard_paths(str(tmp_path), "val", ext)) == 1
+    assert registry.shard_paths(str(tmp_path), "test", ext) == [str(sub / "a.array_record")]
+    assert len(registry.shard_paths(str(tmp_path / "{split}-*.array_record"), "train", ext)) == 2
     listed = f"{tmp_path}/val-00000-of-00001.array_record,{tmp_path}/train-0000[1]-of-00002.array_record"
-    assert len(sources.shard_paths(listed, "x", ext)) == 2
+    assert len(registry.shard_paths(listed, "x", ext)) == 2
     with pytest.raises(ValueError, match="no .array_record shards for split 'other'"):
-        sources.shard_paths(str(tmp_path), "other", ext)
+        registry.shard_paths(str(tmp_path), "other", ext)
     with pytest.raises(ValueError, match="data.path is empty"):
-        sources.shard_paths("", "train", ext)
+        registry.shard_paths("", "train", ext)
     cfg = {"train_split": "tr", "heldout_split": "dev"}
-    assert [sources.resolve_split(cfg, s) for s in ("train", "heldout", "test")] == ["tr", "dev", "test"]
+    assert [registry.resolve_split(cfg, s) for s in ("train", "heldout", "test")] == ["tr", "dev", "test"]
 
 
 def test_folder_flickr_csv_token_file_and_coco(tmp_path):
     images = _images(3)
     flickr = tmp_path / "flickr"
-    fixtures.write_folder(str(flickr), [("a.jpg", images[0], ["a dog, running", "a brown dog"]),
+    data_fixtures.write_folder(str(flickr), [("a.jpg", images[0], ["a dog, running", "a brown dog"]),
                                         ("b.jpg", images[1], ["a cat"]), ("c.jpg", images[2], ["a car"])],
                           splits={"train": ["c.jpg", "a.jpg"], "val": ["b.jpg"]})
     train = build_folder_source(str(flickr), "train", train=True)
@@ -98,7 +99,7 @@ def test_webdataset_index_cache_and_read_only(tmp_path, monkeypatch):
     for i, image in enumerate(images):
         members += [(f"{i:06d}.jpg", image), (f"{i:06d}.txt", f"caption {i}".encode()),
                     (f"{i:06d}.json", b"{}")]
-    fixtures.write_tar(str(tmp_path / "00000.tar"), members)
+    data_fixtures.write_tar(str(tmp_path / "00000.tar"), members)
     src = sources.build_source({"source": "webdataset", "path": str(tmp_path)}, "train")
     assert len(src) == 3 and src[2]["image"] == images[2] and src[2]["captions"] == [b"caption 2"]
     assert src[1]["key"] == "000001" and src.captions_of(0) == [b"caption 0"]
@@ -112,7 +113,7 @@ def test_webdataset_index_cache_and_read_only(tmp_path, monkeypatch):
 
     ro = tmp_path / "ro"
     ro.mkdir()
-    fixtures.write_tar(str(ro / "00000.tar"), members[:3])
+    data_fixtures.write_tar(str(ro / "00000.tar"), members[:3])
 
     def refuse(*args, **kwargs):
         raise PermissionError("read-only file system")
@@ -127,7 +128,7 @@ def test_webdataset_index_cache_and_read_only(tmp_path, monkeypatch):
 
 def test_sources_pickle_for_worker_processes(tmp_path):
     images = _images(2)
-    fixtures.write_arrayrecord(str(tmp_path / "train-00000-of-00001.array_record"),
+    data_fixtures.write_arrayrecord(str(tmp_path / "train-00000-of-00001.array_record"),
                                [encode_record(im, [f"c{i}"]) for i, im in enumerate(images)])
     src = sources.build_source({"source": "arrayrecord", "path": str(tmp_path), "caption_noise": 0.5}, "train")
     assert isinstance(src, noise.NoisyCaptions)
@@ -137,7 +138,7 @@ def test_sources_pickle_for_worker_processes(tmp_path):
 
 def test_caption_noise_wrapper(tmp_path):
     n = 400
-    fixtures.write_folder(str(tmp_path), [(f"{i}.jpg", b"x", [f"caption {i}"]) for i in range(n)])
+    data_fixtures.write_folder(str(tmp_path), [(f"{i}.jpg", b"x", [f"caption {i}"]) for i in range(n)])
     src = sources.build_source({"source": "folder", "path": str(tmp_path), "caption_noise": 0.3, "seed": 4},
                                "train")
     assert isinstance(src, noise.NoisyCaptions) and abs(src.realised_rate - 0.3) < 0.06
@@ -202,7 +203,7 @@ def test_tfds_mock_data():
 
 def test_converter_cli(tmp_path, capsys):
     images = _images(6)
-    fixtures.write_folder(str(tmp_path / "in"), [(f"{i}.jpg", im, [f"caption {i}", f"other {i}"])
+    data_fixtures.write_folder(str(tmp_path / "in"), [(f"{i}.jpg", im, [f"caption {i}", f"other {i}"])
                                                  for i, im in enumerate(images)],
                           splits={"train": [f"{i}.jpg" for i in range(5)], "val": ["5.jpg"]})
     out = str(tmp_path / "out")
@@ -227,7 +228,7 @@ def test_converter_cli(tmp_path, capsys):
 
 
 def test_sample_captions_and_corpus_tokenizer(tmp_path):
-    fixtures.write_folder(str(tmp_path), [(f"{i}.jpg", b"x", [f"a photo of thing {i}", "", f"thing {i} again"])
+    data_fixtures.write_folder(str(tmp_path), [(f"{i}.jpg", b"x", [f"a photo of thing {i}", "", f"thing {i} again"])
                                           for i in range(30)])
     cfg = {"source": "folder", "path": str(tmp_path)}
     captions = sources.sample_captions(cfg, 20)

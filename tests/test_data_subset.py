@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from softalign import config_checks
-from softalign.config_base import base_config
+from softalign.config import checks
+from softalign.config.schema import base_config
 from softalign.data import pipeline, sources, subset
 from softalign.data.synthetic import caption_corpus
 from softalign.data.tokenizer import Tokenizer
@@ -71,6 +71,6 @@ def test_pipeline_trains_on_the_subset_only():
 def test_config_check(fraction, message):
     c = base_config()
     c.data.train_size, c.batch_size, c.data.train_fraction = 400, 16, fraction
-    with pytest.raises(config_checks.ConfigError) as err:
-        config_checks.validate(c, num_data_shards=1)
+    with pytest.raises(checks.ConfigError) as err:
+        checks.validate(c, num_data_shards=1)
     assert message in str(err.value)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softalign.config_checks import ConfigError
+from softalign.config.errors import ConfigError
 from softalign.data.pipeline import CLIP_MEAN, CLIP_STD
 from softalign.evaluation import datasets, suite
 from softalign.evaluation.images import ImageSet, embed_images

@@ -18,8 +18,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from softalign import train
     from tiny import tiny_config
+
+    from softalign.training import train
 
     config = tiny_config(num_devices=1)
     run = train.build_run(config, str(tmp_path_factory.mktemp("shared") / "w"))

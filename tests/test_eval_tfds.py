@@ -115,7 +115,7 @@ def test_zeroshot_evaluator_on_tfds():
 
 
 def test_missing_tfds_dataset_is_a_config_error(tmp_path):
-    from softalign.config_checks import ConfigError
+    from softalign.config.errors import ConfigError
     with pytest.raises(ConfigError, match="tfds.data_source\\('softalign_no_such_dataset'"):
         datasets.load_classification(dict(type="tfds", name="softalign_no_such_dataset",
                                           data_dir=str(tmp_path)), CTX)

@@ -5,13 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softalign import psd
-from softalign import losses
-from softalign.losses import TeacherTargets
-from softalign.sharding import make_mesh
+from softalign.objectives import infonce, soft_targets
+from softalign.objectives.base import TeacherTargets
+from softalign.parallel.sharding import make_mesh
 
 # Jitted once per (tau, mesh): eager shard_map (and its transpose) would run op by op and take minutes.
-psd_loss = jax.jit(losses.psd_loss, static_argnames=("tau", "mesh", "axis", "chunk_size"))
+psd_loss = jax.jit(infonce.psd_loss, static_argnames=("tau", "mesh", "axis", "chunk_size"))
 
 
 def _log_softmax(x):
@@ -78,7 +77,7 @@ def test_alpha_zero_is_clip_infonce(mesh1):
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
 def test_self_teacher_matches_numpy(mesh1, tau, fraction):
     u, v = _inputs(seed=1)
-    _, subset = psd.draw_subset(jax.random.key(3), 16, fraction, 4)
+    _, subset = soft_targets.draw_subset(jax.random.key(3), 16, fraction, 4)
     loss, _ = psd_loss(u, v, 10.0, alpha=0.6, subset=subset, teacher=None, tau=tau, mesh=mesh1)
     np.testing.assert_allclose(loss, reference_loss(u, v, 10.0, 0.6, np.asarray(subset), tau), rtol=1e-5)
 
@@ -152,7 +151,7 @@ def test_gradients_match_finite_differences(mesh1):
 def test_sharded_loss_equals_single_device():
     u, v = _inputs(B=32, seed=7)
     tu, tv = _inputs(B=32, seed=8)
-    _, subset = psd.draw_subset(jax.random.key(0), 32, 0.5, 8)
+    _, subset = soft_targets.draw_subset(jax.random.key(0), 32, 0.5, 8)
     teacher = TeacherTargets(tu, tv, np.float32(12.0), np.asarray(subset))
 
     def run(mesh):
@@ -185,7 +184,7 @@ def test_chunked_loss_equals_unchunked_in_value_and_gradients(devices, chunk, mo
     B = 16
     u, v = _inputs(B=B, seed=11)
     tu, tv = _inputs(B=B, seed=12)
-    _, subset = psd.draw_subset(jax.random.key(5), B, 0.5, 2)
+    _, subset = soft_targets.draw_subset(jax.random.key(5), B, 0.5, 2)
     teacher = TeacherTargets(tu, tv, np.float32(15.0), np.asarray(subset)) if mode == "teacher" else None
     alpha = 0.0 if mode == "clip" else 0.6
 

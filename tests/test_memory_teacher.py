@@ -10,11 +10,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from softalign import checkpointing, config_checks, memory_bank, psd, sharding, train
-from softalign.memory_bank import MEMORY_IMAGE, MEMORY_OUTPUT, MEMORY_SEEN, MEMORY_TEXT, MemoryBank
 from test_step import B, _run, _setup
 from tiny import tiny_config
+
+from softalign import workdir as run_files
+from softalign.config import checks
+from softalign.objectives import memory_bank, soft_targets
+from softalign.objectives.memory_bank import MEMORY_IMAGE, MEMORY_SEEN, MEMORY_TEXT, MemoryBank
+from softalign.parallel import sharding
+from softalign.training import checkpointing, train
 
 
 def _unit(rng, n, d):
@@ -77,9 +81,9 @@ def test_bank_is_saved_in_the_checkpoint_step_and_async_save_is_a_snapshot(tmp_p
 
 
 def test_memory_dtype_is_validated():
-    config_checks.validate(tiny_config(**{"psd.teacher": "memory", "psd.memory_dtype": "bfloat16"}), num_data_shards=1)
-    with pytest.raises(config_checks.ConfigError, match="psd.memory_dtype='int8' is not one of"):
-        config_checks.validate(tiny_config(**{"psd.teacher": "memory", "psd.memory_dtype": "int8"}), num_data_shards=1)
+    checks.validate(tiny_config(**{"psd.teacher": "memory", "psd.memory_dtype": "bfloat16"}), num_data_shards=1)
+    with pytest.raises(checks.ConfigError, match="psd.memory_dtype must be one of .*, got 'int8'"):
+        checks.validate(tiny_config(**{"psd.teacher": "memory", "psd.memory_dtype": "int8"}), num_data_shards=1)
 
 
 # --- the jitted step -------------------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def step_runs():
     return setup, out, first
 
 
-_draw_subset = jax.jit(psd.draw_subset, static_argnums=(1, 2, 3))
+_draw_subset = jax.jit(soft_targets.draw_subset, static_argnums=(1, 2, 3))
 
 
 def _log_softmax(x):
@@ -156,7 +160,7 @@ def test_step_targets_equal_numpy_reference(step_runs, variant):
     _, metrics = runs[variant]
     key = jax.random.key(c.seed, impl="threefry2x32")
     for t, (batch, m) in enumerate(zip(batches, metrics)):
-        stored = m[MEMORY_OUTPUT]
+        stored = m["host"]
         np.testing.assert_array_equal(stored["index"], batch["index"])
         if t == 0:  # the stored embeddings are the student's forward pass at the step's params
             np.testing.assert_allclose(stored["image"], u0, atol=2e-6)
@@ -182,7 +186,7 @@ def test_sharded_step_equals_single_device(step_runs):
     np.testing.assert_allclose([m["loss"] for m in m8], [m["loss"] for m in m1], rtol=1e-5)
     for a, b in zip(m1, m8):
         for k in ("image", "text"):
-            np.testing.assert_allclose(b[MEMORY_OUTPUT][k], a[MEMORY_OUTPUT][k], rtol=2e-5, atol=2e-6)
+            np.testing.assert_allclose(b["host"][k], a["host"][k], rtol=2e-5, atol=2e-6)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
 
@@ -207,10 +211,10 @@ def _train(workdir, monkeypatch, tokenizer="", **overrides):
         step = _COMPILED[0]
 
         def run(state, batch):
-            state, metrics = step(state, batch)
+            state, metrics, host = step(state, batch)
             records.append(jax.device_get({"index": batch["index"], "seen": batch[MEMORY_SEEN], **{
                 k: metrics[k] for k in ("loss", "loss_hard", "loss_soft")}}))
-            return state, metrics
+            return state, metrics, host
 
         return run
 
@@ -220,7 +224,7 @@ def _train(workdir, monkeypatch, tokenizer="", **overrides):
 
 
 def _checkpoint(workdir, step):
-    path = os.path.join(workdir, "checkpoints", str(step))
+    path = os.path.join(run_files.checkpoints_dir(workdir), str(step))
     state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
     memory = ocp.StandardCheckpointer().restore(os.path.join(path, "memory"))
     return state, memory
@@ -249,7 +253,7 @@ def test_first_epoch_is_clip_then_memory_and_resume_is_bit_identical(tmp_path, m
     # been flushed at the save would give different targets at step 3.
     assert np.isin(index[3], index[2]).any()
     shutil.copytree(os.path.join(straight, "checkpoints", "3"), os.path.join(sliced, "checkpoints", "3"))
-    resumed = _train(sliced, monkeypatch, tokenizer=os.path.join(straight, train.TOKENIZER_FILE))
+    resumed = _train(sliced, monkeypatch, tokenizer=os.path.join(straight, run_files.TOKENIZER_FILE))
     assert len(resumed) == 5
     for t, (a, b) in enumerate(zip(steps[3:], resumed), start=3):
         for k in a:

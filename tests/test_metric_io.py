@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from softalign.metric_io import (
+from softalign.training.writers import (
     LoggingWriter,
     MultiWriter,
     ProgressReporter,

@@ -8,7 +8,6 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 from test_metric_io import read_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +44,8 @@ def _restore_params(workdir):
     path = os.path.join(workdir, "checkpoints", "6", "state")
     ckpt = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), ckpt.metadata(path).item_metadata)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          ckpt.metadata(path).item_metadata)
     return ckpt.restore(path, target)["params"]
 
 
@@ -65,5 +65,7 @@ def test_two_processes_equal_one_process(tmp_path):
     assert len(l1) == 6 and len(l2) == 6
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
     a, b = _restore_params(single), _restore_params(multi)
+    # Two processes reduce the gradient in another order than one; Adam's m/sqrt(v) turns a last-bit difference of
+    # a near-zero gradient into up to ~1e-6 of a parameter (measured 1.2e-6 on an AMD Zen 5 CPU after 6 steps).
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=5e-6)

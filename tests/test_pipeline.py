@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from softalign.data import pipeline, sources
+from softalign.data import pipeline, registry, sources
 from softalign.data.synthetic import SyntheticScenes, caption_corpus
 from softalign.data.tokenizer import Tokenizer
 
@@ -111,10 +111,10 @@ def test_source_registry():
         sources.build_source(_cfg(source="no_such_source"), "train")
     name = "test_only_source"
     try:
-        sources.register_source(name)(lambda cfg, split: SyntheticScenes(split, 3))
+        registry.register_source(name)(lambda cfg, split: SyntheticScenes(split, 3))
         assert len(sources.build_source(_cfg(source=name), "heldout")) == 3
     finally:
-        sources._BUILDERS.pop(name, None)
+        registry._BUILDERS.pop(name, None)
     heldout = sources.build_source(_cfg(caption_noise=0.5), "heldout")
     assert heldout.caption_noise == 0.0 and len(heldout) == 32   # eval captions stay clean
 

@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from softalign import sharding
-from softalign.models import build_model
-from softalign.optim import make_optimizer
-from softalign.step import create_state, jit_train_step, make_train_step
-from softalign.teachers import make_teacher
 from tiny import tiny_config
+
+from softalign.models import build_model
+from softalign.objectives.registry import make_teacher
+from softalign.parallel import sharding
+from softalign.training.optim import make_optimizer
+from softalign.training.step import build_train_step, create_state, jit_train_step
 
 B = 40  # 5 rows per device on 8 devices; no model dimension equals 40 or 5*8 by accident
 
@@ -32,18 +32,23 @@ def _setup(teacher="ema", alpha_max=0.5, fraction=0.4):
     return c, model, tx, lr, teach, params, batches
 
 
-def _run(mesh, c, model, tx, lr, teach, params, batches, fsdp_min_size=2**14, **step_options):
+def _step_fn(c, model, tx, lr, mesh, **config_overrides):
+    c = c.copy_and_resolve_references()
+    c.update(config_overrides)
+    return build_train_step(c, model=model, mesh=mesh, tx=tx, lr_schedule=lr)[0]
+
+
+def _run(mesh, c, model, tx, lr, teach, params, batches, fsdp_min_size=2**14, **config_overrides):
     """Runs the jitted step over ``batches``; returns (state, losses, jitted step, per-step metrics)."""
-    fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
-                         num_steps=c.num_steps, mesh=mesh, batch_size=B, **step_options)
+    fn = _step_fn(c, model, tx, lr, mesh, **config_overrides)
     state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)  # a copy: the step donates its input
     shardings = sharding.state_sharding(mesh, state, fsdp_min_size=fsdp_min_size)
     step = jit_train_step(fn, mesh, shardings)
     state = jax.device_put(state, shardings)
     metrics = []
     for b in batches:
-        state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
-        metrics.append(m)
+        state, m, host = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+        metrics.append({**m, "host": host})  # host outputs: only the memory teacher hands anything back
     return state, [float(m["loss"]) for m in metrics], step, metrics
 
 
@@ -51,7 +56,8 @@ def _run(mesh, c, model, tx, lr, teach, params, batches, fsdp_min_size=2**14, **
 def test_sharded_step_equals_single_device(teacher):
     setup = _setup(teacher)
     s1, l1, _, _ = _run(sharding.make_mesh(1), *setup)
-    s8, l8, _, _ = _run(sharding.make_mesh(8), *setup)
+    s8, l8, _, m8 = _run(sharding.make_mesh(8), *setup)
+    assert all(m["host"] == {} for m in m8)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
@@ -74,18 +80,17 @@ def test_no_device_holds_batch_by_batch_logits():
 def test_nonfinite_step_is_skipped_and_recorded():
     c, model, tx, lr, teach, params, batches = _setup("ema")
     mesh = sharding.make_mesh(1)
-    fn = jax.jit(make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd,
-                                 num_steps=c.num_steps, mesh=mesh, batch_size=B))
+    fn = jax.jit(_step_fn(c, model, tx, lr, mesh))
     state = create_state(jax.tree.map(jnp.array, params), tx, teach, 0)
-    state, _ = fn(state, batches[0])
+    state, _, _ = fn(state, batches[0])
     bad = dict(batches[1], image=np.full_like(batches[1]["image"], np.nan))
-    after, m = fn(state, bad)
+    after, m, _ = fn(state, bad)
     assert not np.isfinite(float(m["loss"]))
     assert int(after.nonfinite_step) == 1 and int(after.step) == 2
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state, state.teacher)),
                     jax.tree.leaves((after.params, after.opt_state, after.teacher))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    later, _ = fn(after, batches[0])
+    later, _, _ = fn(after, batches[0])
     assert int(later.nonfinite_step) == 1  # the first bad step is kept
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from softalign.config_base import base_config
+from softalign.config.schema import base_config
 from softalign.sweep import aggregate, grid, launch, plan, plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

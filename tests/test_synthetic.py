@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 from softalign.data import synthetic
-from softalign.data.synthetic import (COLORS, POSITIONS, SHAPES, SIZES, SyntheticScenes,
-                                      attribute_classnames, attribute_prompts, caption_corpus)
+from softalign.data.synthetic import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SyntheticScenes,
+    attribute_classnames,
+    attribute_prompts,
+    caption_corpus,
+)
 
 
 def _same(a: dict, b: dict) -> bool:

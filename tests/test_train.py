@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from softalign import train
-from softalign.data import pipeline
 from tiny import tiny_config
+
+from softalign.data import pipeline
+from softalign.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_OVERRIDES = os.path.join(ROOT, "tests", "tiny.py")
@@ -58,7 +58,7 @@ def test_resume_after_restart_is_bit_identical(tmp_path):
     (["--config.batch_size=12"], "batch_size=12 must be a positive multiple of the 8"),
     (["--config.model.vision.patch_size=3"], "must be divisible by patch_size"),
     (["--config.no_such_key=1"], "no_such_key"),
-    (["--config.psd.teacher=oracle"], "psd.teacher='oracle'"),
+    (["--config.psd.teacher=teleport"], "psd.teacher='teleport'"),
 ])
 def test_bad_config_fails_fast_with_one_clear_line(tmp_path, overrides, message):
     r = _main(str(tmp_path / "w"), *overrides, devices=8)
@@ -139,7 +139,8 @@ def test_sigterm_saves_and_exits_cleanly_and_kill9_loses_nothing(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["--config.data.source=webdataset"], "data.path is required for data.source='webdataset'"),
-    (["--config.tokenizer.path=/nonexistent/tokenizer.json"], "tokenizer.path=/nonexistent/tokenizer.json does not exist"),
+    (["--config.tokenizer.path=/nonexistent/tokenizer.json"],
+     "tokenizer.path=/nonexistent/tokenizer.json does not exist"),
     (["--config.data.source=parquet"], "data.source='parquet' is not available"),
 ])
 def test_bad_data_config_fails_fast(tmp_path, overrides, message):

@@ -1,6 +1,6 @@
 """A tiny config shared by the step and training tests (seconds to compile on 2 CPU cores)."""
 
-from softalign.config_base import base_config
+from softalign.config.schema import base_config
 
 
 def tiny_config(**overrides):

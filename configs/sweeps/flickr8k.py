@@ -28,7 +28,7 @@ import os
 
 import ml_collections
 
-from softalign.config_base import base_config
+from softalign.config.schema import base_config
 from softalign.sweep import grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

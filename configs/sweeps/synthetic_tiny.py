@@ -9,7 +9,7 @@ Grid: {clip, psd-ema} x caption noise {0, 0.5} x seeds, plus psd-ema on half the
 
 import ml_collections
 
-from softalign.config_base import base_config
+from softalign.config.schema import base_config
 from softalign.sweep import grid
 
 METHODS = {

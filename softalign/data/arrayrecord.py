@@ -23,7 +23,7 @@ from absl import logging
 from array_record.python import array_record_module
 
 from softalign.data import skips
-from softalign.data.sources import register_source, resolve_split, shard_paths
+from softalign.data.registry import register_source, resolve_split, shard_paths
 
 FORMAT_VERSION = 1
 WRITER_OPTIONS = "group_size:1,uncompressed"

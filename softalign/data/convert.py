@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from softalign.data import arrayrecord, decode, skips
-from softalign.data.sources import build_source
 from softalign.data.skips import BadRecord
+from softalign.data.sources import build_source
 
 RECORDS_PER_SHARD = 10_000      # --num_shards=0 picks ceil(n / this)
 

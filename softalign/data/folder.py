@@ -27,7 +27,7 @@ from typing import Any
 from absl import logging
 
 from softalign.data import skips
-from softalign.data.sources import register_source, resolve_split
+from softalign.data.registry import register_source, resolve_split
 
 CSV_NAMES = ("captions.txt", "captions.csv", "results.csv")
 

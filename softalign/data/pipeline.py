@@ -13,6 +13,7 @@ Data config keys read here (ml_collections ConfigDict or dict; defaults in brack
   train_size [50000]           synthetic: records in the train split (real sources: their own length)
   heldout_size [1000]          synthetic: records in the held-out eval split
   seed [0]                     dataset seed (scenes, caption noise); the shuffle/augment seed is an argument
+  heldout_seed [-1]            synthetic: seed of the held-out split's scenes; -1: `seed` (its own stream either way)
   caption_noise [0.0]          fraction of train records whose caption is swapped with another record's
   train_fraction [1.0]         train on a fixed subset of ceil(f*N) of the N train records: a prefix of one
                                permutation seeded by `seed`, so subsets are nested (softalign.data.subset);
@@ -33,8 +34,8 @@ exactly those rows (the batch axis of `sharding.make_mesh` is process-major), so
 global batch of step s is row for row that of a single-process run (augmentation and the caption choice are
 keyed by the global position, hence identical too) -- and so is the loss, which is not permutation-invariant
 once PSD picks its subset by row. Bad records (softalign.data.skips) are dropped before batching, so batches stay
-full-size and each process fills its batch from its own next block. With num_workers = W > 0, worker w decodes and batches positions w, w+W,
-... of the process's stream: deterministic for a given W (resume with the same W).
+full-size and each process fills its batch from its own next block. With num_workers = W > 0, worker w decodes
+and batches positions w, w+W, ... of the process's stream: deterministic for a given W (resume with the same W).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="synthetic", path="", name="", train_split="train", heldout_split="val",
         image_field="image", caption_field="caption", image_dir="", pixel_limit=decode.DEFAULT_PIXEL_LIMIT,
-        image_size=32, train_size=50_000, heldout_size=1000, seed=0,
+        image_size=32, train_size=50_000, heldout_size=1000, seed=0, heldout_seed=-1,
         caption_noise=0.0, train_fraction=1.0, max_objects=3, crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
         mean=CLIP_MEAN, std=CLIP_STD, num_threads=2, prefetch_buffer_size=4, num_workers=0,
         batch_prefetch=2))
@@ -123,6 +124,8 @@ class DecodeAndAugment(grain.transforms.RandomMap):
             element["image"] = normalize_images(element["image"], self.mean, self.std)
         captions = element.pop("captions")
         element["caption"] = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+        if "truth" in record:               # synthetic ground truth (softalign.data.scene_truth), batched as is
+            element["truth"] = record["truth"]
         return element
 
 
@@ -141,7 +144,8 @@ def normalize_images(images: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
 class CollateAndTokenize:
     """Grain batch_fn: stacks images (normalising uint8 ones; float32 ones are already normalised), tokenizes all
     captions in one call. The batch carries its skip and caption-noise counts in ``'_stats'`` until
-    `skips.StatsSink` takes them out (last pipeline stage)."""
+    `skips.StatsSink` takes them out (last pipeline stage). Synthetic records' ground truth is stacked into the
+    batch as the `scene_truth.FIELDS` entries."""
 
     def __init__(self, tokenizer: Tokenizer, mean: Sequence[float], std: Sequence[float]):
         self.tokenizer, self.mean, self.std = tokenizer, tuple(mean), tuple(std)
@@ -152,6 +156,7 @@ class CollateAndTokenize:
             "image": images if images.dtype == np.float32 else normalize_images(images, self.mean, self.std),
             "tokens": self.tokenizer.encode_batch([e["caption"] for e in elements]),
             "index": np.array([e["index"] for e in elements], np.int64),
+            **{k: np.stack([e["truth"][k] for e in elements]) for k in elements[0].get("truth", {})},
             skips.STATS_KEY: skips.batch_stats(list(elements)),
         }
 
@@ -226,7 +231,8 @@ def make_train_dataset(data_config: Any, tokenizer: Tokenizer, *, global_batch_s
 
 def make_train_iterator(data_config: Any, tokenizer: Tokenizer, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-    """Checkpointable iterator of local batches {'image' f32 (b,H,W,3), 'tokens' i32 (b,L), 'index' i64 (b,)}."""
+    """Checkpointable iterator of local batches {'image' f32 (b,H,W,3), 'tokens' i32 (b,L), 'index' i64 (b,)}
+    (the synthetic source adds its ground truth: `scene_truth.FIELDS`)."""
     return iter(make_train_dataset(data_config, tokenizer, global_batch_size=global_batch_size, seed=seed,
                                    process_index=process_index, process_count=process_count))
 

@@ -37,13 +37,26 @@ def subset_indices(fraction: float, n: int, seed: int) -> np.ndarray:
     return kept.astype(np.int32 if n < 2**31 else np.int64)   # half the memory shipped to Grain workers
 
 
-class TrainSubset:
-    """Random-access source: records ``indices[0], indices[1], ...`` of ``source``, re-numbered 0, 1, ..."""
+def load_subset_file(path: str, n: int) -> np.ndarray:
+    """``data.subset_file``: a .npy of distinct record numbers of the n-record split (e.g. from
+    ``python -m softalign.tools.reduce``), kept in the file's order."""
+    indices = np.load(path, allow_pickle=False)
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or not len(indices):
+        raise ValueError(f"data.subset_file={path}: expected a non-empty 1-D integer array, got {indices.dtype} "
+                         f"{indices.shape}")
+    if indices.min() < 0 or indices.max() >= n or len(np.unique(indices)) != len(indices):
+        raise ValueError(f"data.subset_file={path}: indices must be distinct and in [0, {n})")
+    return indices.astype(np.int32 if n < 2**31 else np.int64)
 
-    def __init__(self, source: Any, fraction: float, seed: int = 0):
+
+class TrainSubset:
+    """Random-access source: records ``indices[0], indices[1], ...`` of ``source``, re-numbered 0, 1, ...
+    (the seeded prefix for ``fraction``, or the given ``indices``, e.g. `load_subset_file`'s)."""
+
+    def __init__(self, source: Any, fraction: float = 1.0, seed: int = 0, indices: Any = None):
         self.source, self.fraction, self.seed = source, float(fraction), int(seed)
         self.full_size = len(source)
-        self._indices = subset_indices(self.fraction, self.full_size, self.seed)
+        self._indices = subset_indices(self.fraction, self.full_size, self.seed) if indices is None else indices
 
     def __len__(self) -> int:
         return len(self._indices)

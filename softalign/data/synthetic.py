@@ -4,6 +4,8 @@ Each record is a few coloured shapes on a dark noisy background with a caption d
 grammar. Captions are deliberately partial (size, position or colour are sometimes left out, objects are
 listed in random order and occasionally dropped) so the image-text relation is many-to-many, like web data.
 Everything is derived from ``np.random.default_rng((seed, split_id, index))``: random access is O(1), no files.
+Each record also carries its exact ground truth under ``'truth'`` (`scene_truth`: the scene's objects, what its
+caption states, and under caption noise whether and from where it was swapped), which the pipeline batches.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from softalign.data import scene_truth
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "white")
 _RGB = np.array(
@@ -48,6 +52,7 @@ _ONE_TEMPLATES = ("{}", "a picture of {}", "there is {}.", "an image of {}", "{}
                   "one shape: {}", "a dark background with {}")
 _MANY_TEMPLATES = ("{}", "a picture of {}", "there is {}.", "an image with {}", "{} on a dark background",
                    "a dark background with {}", "{n} shapes: {}")
+_ONE_COUNT = "one shape: {}"       # the one-object template that states the count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,23 +136,55 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _object_phrase(obj: _Object, rng: np.random.Generator) -> str:
+@dataclasses.dataclass(frozen=True)
+class Phrase:
+    """One object's noun phrase as the grammar drew it: the words written (None: left out) and what they state."""
+
+    obj: int                       # which object of the scene it describes
+    stated: tuple[int, int, int, int]   # (color, shape, size, position) it states; -1 where left out
+    size: str | None
+    color: str | None
+    noun: str                      # a shape word, or "shape"/"object" for a generic phrase
+    position: str | None
+
+    def text(self) -> str:
+        words = [w for w in (self.size, self.color) if w] + [self.noun]
+        phrase = _article(words[0]) + " " + " ".join(words)
+        return phrase + " " + self.position if self.position else phrase
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionParts:
+    """A caption as drawn from the grammar: its phrases in caption order, the template and its casing.
+    ``count`` is the object count the template states ("three shapes: ...", "one shape: ..."), or -1."""
+
+    phrases: tuple[Phrase, ...]
+    template: str
+    num_objects: int
+    capitalise: bool
+
+    @property
+    def count(self) -> int:
+        return self.num_objects if ("{n}" in self.template or self.template == _ONE_COUNT) else -1
+
+    def text(self) -> str:
+        caption = self.template.replace("{n}", NUMBERS[self.num_objects - 1]).format(
+            _join([p.text() for p in self.phrases]))
+        return caption[0].upper() + caption[1:] if self.capitalise else caption
+
+
+def _object_phrase(obj: _Object, index: int, rng: np.random.Generator) -> Phrase:
     """One noun phrase; attributes are dropped at random so captions stay partial."""
     use_size, use_pos, use_color = rng.random(3) < (0.55, 0.65, 0.9)
     generic = rng.random() < 0.12
     if generic and not (use_size or use_pos or use_color):
         use_color = True
-    words = []
-    if use_size:
-        words.append(_pick(rng, _SIZE_WORDS[SIZES[obj.size]]))
-    if use_color:
-        words.append(COLORS[obj.color])
-    words.append(_pick(rng, ("shape", "object")) if generic
-                 else _pick(rng, _SHAPE_WORDS[SHAPES[obj.shape]]))
-    phrase = _article(words[0]) + " " + " ".join(words)
-    if use_pos:
-        phrase += " " + _pick(rng, _POSITION_PHRASES[POSITIONS[obj.position]])
-    return phrase
+    size = _pick(rng, _SIZE_WORDS[SIZES[obj.size]]) if use_size else None
+    noun = _pick(rng, ("shape", "object")) if generic else _pick(rng, _SHAPE_WORDS[SHAPES[obj.shape]])
+    position = _pick(rng, _POSITION_PHRASES[POSITIONS[obj.position]]) if use_pos else None
+    stated = (obj.color if use_color else -1, -1 if generic else obj.shape, obj.size if use_size else -1,
+              obj.position if use_pos else -1)
+    return Phrase(index, stated, size, COLORS[obj.color] if use_color else None, noun, position)
 
 
 def _join(phrases: list[str]) -> str:
@@ -156,19 +193,49 @@ def _join(phrases: list[str]) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def make_caption(scene: _Scene, rng: np.random.Generator) -> str:
-    """Samples a caption for `scene` from the grammar."""
+def caption_parts(scene: _Scene, rng: np.random.Generator) -> CaptionParts:
+    """Samples a caption for `scene` from the grammar, as parts (``.text()`` is the caption)."""
     n = len(scene.objects)
     order = rng.permutation(n)
-    phrases = [_object_phrase(scene.objects[k], rng) for k in order]
+    phrases = [_object_phrase(scene.objects[k], int(k), rng) for k in order]
     templates = _ONE_TEMPLATES if n == 1 else _MANY_TEMPLATES
     template = _pick(rng, templates)
     if n > 1 and "{n}" not in template and rng.random() < 0.15:
         phrases = phrases[:-1]            # web captions often miss something
-    caption = template.replace("{n}", NUMBERS[n - 1]).format(_join(phrases))
-    if rng.random() < 0.3:
-        caption = caption[0].upper() + caption[1:]
-    return caption
+    return CaptionParts(tuple(phrases), template, n, bool(rng.random() < 0.3))
+
+
+def make_caption(scene: _Scene, rng: np.random.Generator) -> str:
+    """Samples a caption for `scene` from the grammar."""
+    return caption_parts(scene, rng).text()
+
+
+def restate(parts: CaptionParts, phrase: int, attribute: str, value: int, rng: np.random.Generator) -> CaptionParts:
+    """`parts` with phrase `phrase` stating `value` for `attribute` (a grammar word for it, drawn from `rng`):
+    how the compositional probe builds a caption that differs from the true one in one attribute."""
+    p = parts.phrases[phrase]
+    a = ATTRIBUTES.index(attribute)
+    stated = p.stated[:a] + (int(value),) + p.stated[a + 1:]
+    if attribute == "color":
+        words = dict(color=COLORS[value])
+    elif attribute == "shape":
+        words = dict(noun=_pick(rng, _SHAPE_WORDS[SHAPES[value]]))
+    elif attribute == "size":
+        words = dict(size=_pick(rng, _SIZE_WORDS[SIZES[value]]))
+    else:
+        words = dict(position=_pick(rng, _POSITION_PHRASES[POSITIONS[value]]))
+    new = dataclasses.replace(p, stated=stated, **words)
+    return dataclasses.replace(parts, phrases=parts.phrases[:phrase] + (new,) + parts.phrases[phrase + 1:])
+
+
+def scene_array(scene: _Scene, max_objects: int) -> np.ndarray:
+    """The scene's objects as a `scene_truth` scene array (max_objects, 4) int8."""
+    return scene_truth.encode_scene([(o.color, o.shape, o.size, o.position) for o in scene.objects], max_objects)
+
+
+def caption_array(parts: CaptionParts, max_objects: int) -> np.ndarray:
+    """What the caption states, as a `scene_truth` caption array (max_objects + 1, 4) int8."""
+    return scene_truth.encode_caption([p.stated for p in parts.phrases], max_objects, parts.count)
 
 
 def attribute_classnames(attr: str) -> list[str]:
@@ -222,9 +289,30 @@ class SyntheticScenes:
 
     def _scene_and_caption(self, index: int) -> tuple[_Scene, str, np.random.Generator]:
         """Scene, clean caption and the record's rng (positioned for rendering), in that draw order."""
+        scene, parts, rng = self.scene_and_parts(index)
+        return scene, parts.text(), rng
+
+    def scene_and_parts(self, index: int) -> tuple[_Scene, CaptionParts, np.random.Generator]:
+        """Record `index`'s scene, its clean caption as parts, and the rng positioned for rendering."""
         rng = np.random.default_rng((self.seed, self.split_id, index))
         scene = _sample_scene(rng, self.max_objects, self.single_object)
-        return scene, make_caption(scene, rng), rng
+        return scene, caption_parts(scene, rng), rng
+
+    def truth(self, index: int) -> dict[str, np.ndarray]:
+        """Record `index`'s ground truth (`scene_truth.FIELDS`) without rendering: its scene, what its (possibly
+        swapped) caption states, whether it was swapped, and whose scene the caption describes."""
+        index = self._check_index(index)
+        scene, parts, _ = self.scene_and_parts(index)
+        partner = self._swap_partner(index)
+        if partner is not None:
+            parts = self.scene_and_parts(partner)[1]
+        return self._truth(index, scene, parts, partner)
+
+    def _truth(self, index: int, scene: _Scene, parts: CaptionParts, partner: int | None) -> dict[str, np.ndarray]:
+        return {scene_truth.SCENE: scene_array(scene, self.max_objects),
+                scene_truth.CAPTION: caption_array(parts, self.max_objects),
+                scene_truth.SWAPPED: np.bool_(partner is not None),
+                scene_truth.CAPTION_FROM: np.int32(index if partner is None else partner)}
 
     def _swap_partner(self, index: int) -> int | None:
         """Index whose caption replaces this record's caption, or None (depends only on seed/index)."""
@@ -250,17 +338,22 @@ class SyntheticScenes:
         partner = self._swap_partner(index)
         return self._scene_and_caption(index if partner is None else partner)[1]
 
+    def captions_of(self, index: int) -> list[str]:
+        """``[caption(index)]``: what `noise.captions_of` reads (tokenizer fits, caption statistics) without rendering."""
+        return [self.caption(index)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)
-        scene, caption, rng = self._scene_and_caption(index)
+        scene, parts, rng = self.scene_and_parts(index)
         partner = self._swap_partner(index)
         if partner is not None:
-            caption = self._scene_and_caption(partner)[1]
+            parts = self.scene_and_parts(partner)[1]
         first = scene.objects[0]
         labels = {"color": first.color, "shape": first.shape, "size": first.size,
                   "position": first.position, "num_objects": len(scene.objects)}
-        return {"image": render_scene(scene, self.image_size, rng), "caption": caption, "index": index,
-                "labels": labels, "caption_swapped": partner is not None}
+        return {"image": render_scene(scene, self.image_size, rng), "caption": parts.text(), "index": index,
+                "labels": labels, "caption_swapped": partner is not None,
+                "truth": self._truth(index, scene, parts, partner)}  # scene_truth.FIELDS
 
     def __repr__(self) -> str:
         return (f"SyntheticScenes(split={self.split!r}, num_examples={self.num_examples}, "

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from softalign.data.sources import register_source, resolve_split
+from softalign.data.registry import register_source, resolve_split
 
 
 def _get_path(record: Any, path: str) -> Any:

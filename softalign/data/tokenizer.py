@@ -142,7 +142,7 @@ class Tokenizer:
 def synthetic_tokenizer(context_length: int, vocab_size: int = 1024, num_captions: int = 20_000,
                         seed: int = 0) -> Tokenizer:
     """Byte-level BPE fitted to synthetic captions (the default when no tokenizer.json is given)."""
-    from softalign.data.synthetic import caption_corpus   # local import: keeps this module light
+    from softalign.data.synthetic import caption_corpus  # local import: keeps this module light
     return Tokenizer.train_bpe(caption_corpus(num_captions, seed=seed), vocab_size, context_length)
 
 

@@ -26,7 +26,7 @@ from absl import logging
 
 from softalign.data import skips
 from softalign.data.decode import IMAGE_EXTENSIONS
-from softalign.data.sources import register_source, resolve_split, shard_paths
+from softalign.data.registry import register_source, resolve_split, shard_paths
 
 INDEX_VERSION = 1
 INDEX_SUFFIX = ".index.json"

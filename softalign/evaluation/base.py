@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from softalign.config_checks import ConfigError
+from softalign.config.errors import ConfigError
 from softalign.evaluation.datasets import ImageContext, as_dict, check_keys
 from softalign.evaluation.embedding import embed_in_batches
 from softalign.evaluation.images import ImageSet, embed_images

@@ -8,10 +8,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from softalign.config_checks import ConfigError
+from softalign.config.errors import ConfigError
 from softalign.data.pipeline import CLIP_MEAN, CLIP_STD
 from softalign.evaluation.images import DEFAULT_CACHE_BYTES, ImageSet
-
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 _COMMON_KEYS = ("type", "name", "max_examples", "subset_seed", "cache_mb")

@@ -30,12 +30,25 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from softalign.config_checks import ConfigError
+from softalign.config.errors import ConfigError
 from softalign.data import synthetic
 from softalign.data.sources import build_source
 from softalign.evaluation.dataset_base import (  # noqa: F401  (re-exported)
-    _CLASS_KEYS, _COMMON_KEYS, _SPLIT_NAMES, _ZEROSHOT_SEED_OFFSET, IMAGE_EXTENSIONS, CaptionData, ClassificationData,
-    ImageContext, _classnames, _default_name, _image_set, _require_path, _subset, as_dict, check_keys,
+    _CLASS_KEYS,
+    _COMMON_KEYS,
+    _SPLIT_NAMES,
+    _ZEROSHOT_SEED_OFFSET,
+    IMAGE_EXTENSIONS,
+    CaptionData,
+    ClassificationData,
+    ImageContext,
+    _classnames,
+    _default_name,
+    _image_set,
+    _require_path,
+    _subset,
+    as_dict,
+    check_keys,
     clean_classname,
 )
 from softalign.evaluation.tfds_eval import _texts, _tfds

@@ -3,7 +3,8 @@
 Each entry of ``config.evals`` is ``name -> {kind, every, ...options}``; ``every`` is the period in train steps
 (0: only at the end of training). Kinds plug in through `softalign.evaluation.base.register_evaluator`:
 ``zeroshot`` / ``synthetic_zeroshot`` (zeroshot.py), ``retrieval`` (retrieval.py), ``linear_probe``
-(linear_probe.py). Results are fractions in [0, 1]; ``report_lines`` prints them as percentages beside chance.
+(linear_probe.py), ``multi_positive_retrieval`` / ``compositional_probe`` (ground_truth.py, synthetic only).
+Results are fractions in [0, 1]; ``report_lines`` prints them as percentages beside chance.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 # Importing the kind modules registers them.
+import softalign.evaluation.ground_truth  # noqa: F401
 import softalign.evaluation.linear_probe  # noqa: F401
+import softalign.evaluation.nmtune  # noqa: F401
 import softalign.evaluation.retrieval  # noqa: F401
 import softalign.evaluation.zeroshot  # noqa: F401
 from softalign.evaluation.base import (
@@ -23,6 +26,7 @@ from softalign.evaluation.base import (
     evaluator_kinds,
     register_evaluator,
 )
+from softalign.workdir import is_fraction
 
 __all__ = ["EncodeFn", "EvalContext", "Evaluator", "build_evaluators", "evaluator_kinds", "register_evaluator",
            "report_lines"]
@@ -39,11 +43,6 @@ def build_evaluators(config: Any, tokenizer: Any, sharding=None, *, evals: Optio
 def report_lines(name: str, metrics: dict[str, float], chance: dict[str, float]) -> list[str]:
     """Human-readable lines, each metric beside its chance level, e.g. ``heldout i2t_R@5 = 34.2% (chance 0.5%)``."""
     return [f"{name} {key} = {format_metric(key, value, chance.get(key))}" for key, value in metrics.items()]
-
-
-def is_fraction(key: str) -> bool:
-    """Whether a metric is an accuracy/recall fraction (printed as %), not a rank, count or log-strength."""
-    return any(part in key for part in ("top", "recall", "R@"))
 
 
 def format_metric(key: str, value: float, chance: Optional[float] = None) -> str:

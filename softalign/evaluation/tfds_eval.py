@@ -7,10 +7,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from softalign.config_checks import ConfigError
-
+from softalign.config.errors import ConfigError
 from softalign.evaluation.dataset_base import (
-    _CLASS_KEYS, _COMMON_KEYS, CaptionData, ClassificationData, ImageContext, _classnames, _image_set, _subset,
+    _CLASS_KEYS,
+    _COMMON_KEYS,
+    CaptionData,
+    ClassificationData,
+    ImageContext,
+    _classnames,
+    _image_set,
+    _subset,
     check_keys,
 )
 

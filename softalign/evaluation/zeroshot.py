@@ -135,7 +135,14 @@ def zero_shot_metrics(
 
 # ----------------------------------------------------------------------------- evaluators
 
-_OPTIONS = ("dataset", "templates", "ks")
+_OPTIONS = ("dataset", "templates", "ks", "per_class")
+
+
+def class_recalls(image_emb: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
+                  classnames: Sequence[str]) -> dict[str, float]:
+    """``{'recall[<class>]': top-1 recall}`` for each class present in `labels` (``per_class: True``)."""
+    predicted = np.argmax(np.asarray(image_emb, np.float32) @ np.asarray(classifier, np.float32).T, axis=1)
+    return {f"recall[{classnames[c]}]": float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)}
 
 
 def _build(name: str, options: dict[str, Any], ctx: base.EvalContext) -> base.Evaluator:
@@ -147,12 +154,16 @@ def _build(name: str, options: dict[str, Any], ctx: base.EvalContext) -> base.Ev
         raise base.ConfigError(f"evals.{name}.templates: need at least one template, each with a '{{}}'")
     ks = tuple(int(k) for k in (options.get("ks") or (1, 5)))
     classnames = list(data.classnames)
+    per_class = bool(options.get("per_class"))
 
     def run(encode_image, encode_text):
         encode = lambda tokens: ctx.embed_tokens(encode_text, tokens)
         classifier = build_classifier(encode, ctx.tokenizer, classnames, templates)
         emb, kept = ctx.embed_images(encode_image, data.images, f"{name}: images")
-        return base.with_skipped(zero_shot_metrics(emb, classifier, data.labels[kept], ks), data.images)
+        metrics = zero_shot_metrics(emb, classifier, data.labels[kept], ks)
+        if per_class:
+            metrics.update(class_recalls(emb, classifier, data.labels[kept], classnames))
+        return base.with_skipped(metrics, data.images)
 
     c = len(classnames)
     chance = {f"top{k}": min(k, c) / c for k in ks}
@@ -162,14 +173,15 @@ def _build(name: str, options: dict[str, Any], ctx: base.EvalContext) -> base.Ev
 
 @base.register_evaluator("zeroshot")
 def build_zeroshot(name: str, options: Any, ctx: base.EvalContext) -> base.Evaluator:
-    """``evals.<name> = {kind: 'zeroshot', dataset: {...}, templates: [...] (optional), ks: (1, 5)}``."""
+    """``evals.<name> = {kind: 'zeroshot', dataset: {...}, templates: [...] (optional), ks: (1, 5), per_class:
+    False}``; ``per_class`` adds each class's top-1 recall as ``recall[<class>]`` (for concept-frequency plots)."""
     return _build(name, base.options_of(name, options, _OPTIONS), ctx)
 
 
 @base.register_evaluator("synthetic_zeroshot")
 def build_synthetic_zeroshot(name: str, options: Any, ctx: base.EvalContext) -> base.Evaluator:
     """Shorthand: zero-shot on single-object synthetic scenes, labelled by ``attribute`` (``num_examples`` of them)."""
-    options = base.options_of(name, options, ("attribute", "num_examples", "templates", "ks"))
+    options = base.options_of(name, options, ("attribute", "num_examples", "templates", "ks", "per_class"))
     spec = dict(type="synthetic", attribute=options.pop("attribute", None) or "color",
                 num_examples=options.pop("num_examples", None) or 1000)
     return _build(name, dict(options, dataset=spec), ctx)

@@ -114,6 +114,19 @@ def build_model(model_config: ml_collections.ConfigDict) -> CLIP:
     return CLIP(model_config)
 
 
+def example_inputs(model_config: ml_collections.ConfigDict, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Zero ``(images, tokens)`` of the shapes the model takes: what ``init`` and shape inference need."""
+    size = model_config.vision.image_size
+    return (jnp.zeros((batch, size, size, 3), jnp.float32),
+            jnp.zeros((batch, model_config.text.context_length), jnp.int32))
+
+
+def abstract_params(model_config: ml_collections.ConfigDict) -> Any:
+    """The params pytree of ``build_model(model_config)`` as ``ShapeDtypeStruct``s (nothing is allocated)."""
+    model = build_model(model_config)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(model_config))["params"])
+
+
 def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     """Raise ValueError for shape/option errors before anything is traced or compiled."""
     compute_dtype(cfg.dtype)

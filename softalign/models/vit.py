@@ -37,7 +37,7 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Patchify (bias-free p x p patch projection) -> [cls] + positions -> ln_pre -> transformer -> ln_post -> pool -> proj.
+    """Patchify (bias-free p x p projection) -> [cls] + positions -> ln_pre -> transformer -> ln_post -> pool -> proj.
 
     Input: float images (n, H, W, C), NHWC. Output: float32 (n, embed_dim), not normalised.
     Params: ``patch_embed/kernel`` (p, p, C, width), ``cls_token`` (width,) (pool='cls' only),

@@ -2,8 +2,20 @@
 tabulates and plots their results (aggregate.py, plots.py). CLI: ``python -m softalign.sweep launch|aggregate``;
 see docs/sweeps.md."""
 
-from softalign.sweep.grid import KNOWN_AXES, Axis, Level, Run, axis, combine, cross, dedupe, one_at_a_time, pick, \
-    product, run_name
+from softalign.sweep.grid import (
+           KNOWN_AXES,
+           Axis,
+           Level,
+           Run,
+           axis,
+           combine,
+           cross,
+           dedupe,
+           one_at_a_time,
+           pick,
+           product,
+           run_name,
+)
 
 __all__ = ["KNOWN_AXES", "Axis", "Level", "Run", "axis", "combine", "cross", "dedupe", "one_at_a_time", "pick",
            "product", "run_name"]

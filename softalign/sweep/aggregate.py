@@ -16,17 +16,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from softalign.sweep import plan
+from softalign.sweep import plan, plots
 from softalign.sweep.grid import format_value
+from softalign.sweep.rows import groups
+from softalign.workdir import is_fraction
 
 DEFAULT_METRICS: tuple[str, ...] = ("*/i2t_R@1", "*/i2t_R@5", "*/t2i_R@1", "*/t2i_R@5", "*/top1")
 FIXED_COLUMNS: tuple[str, ...] = ("step", "wall_seconds", "train_loss")
-
-
-def is_fraction(metric: str) -> bool:
-    """Whether a metric is an accuracy/recall in [0, 1] (shown in %); as `softalign.evaluation.suite.is_fraction`,
-    repeated here so that aggregating does not import JAX."""
-    return any(part in metric.rsplit("/", 1)[-1] for part in ("top", "recall", "R@"))
 
 
 def wall_seconds(workdir: str, done: Mapping[str, Any] | None) -> float | None:
@@ -92,19 +88,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def groups(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[tuple, list[Mapping[str, Any]]]:
-    """Rows grouped by their values of ``keys``, in order of first appearance."""
-    out: dict[tuple, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        out.setdefault(tuple(_hashable(row.get(k)) for k in keys), []).append(row)
-    return out
-
-
-def _hashable(value: Any) -> Any:
-    """A grouping key for a variable's value (JSON lists become tuples)."""
-    return tuple(value) if isinstance(value, list) else value
-
-
 def _cell(values: Sequence[float], percent: bool) -> str:
     """A table cell: mean ± std of ``values`` (in % when ``percent``), the mean alone for one value."""
     if not values:
@@ -138,7 +121,6 @@ def aggregate(root: str, out: str = "", metric_patterns: Sequence[str] = DEFAULT
               seed_var: str = "seed") -> dict[str, Any]:
     """Writes ``OUT/results.csv``, ``OUT/results.md`` and one ``OUT/metrics_vs_<x>.png`` per x variable (a panel
     per metric; OUT defaults to ROOT/summary); returns their paths, the table and counts."""
-    from softalign.sweep import plots
 
     out = out or os.path.join(root, "summary")
     os.makedirs(out, exist_ok=True)

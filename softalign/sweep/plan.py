@@ -18,11 +18,12 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+from softalign import workdir as run_files
 from softalign.sweep import grid
 
 SWEEP_FILE = "sweep.json"
-DONE_FILE = "done.json"        # softalign.train.DONE_FILE (not imported: keeps this module free of JAX)
-RESULTS_FILE = "eval_results.json"
+DONE_FILE = run_files.DONE_FILE
+RESULTS_FILE = run_files.RESULTS_FILE
 LAUNCH_FILE = "launch.json"    # the launcher's record of each attempt (command, exit code, seconds)
 LOG_FILE = "log.txt"
 
@@ -151,12 +152,8 @@ def expected_num_steps(base: Any, overrides: Mapping[str, Any], extra: Sequence[
 
 def read_json(path: str) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when it is missing or unreadable (e.g. half-written)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
+    data = run_files.read_json(path)
+    return data if isinstance(data, dict) else None
 
 
 def run_status(workdir: str, num_steps: int | None = None) -> str:
@@ -167,7 +164,7 @@ def run_status(workdir: str, num_steps: int | None = None) -> str:
         if num_steps is None or int(done["num_steps"]) == int(num_steps):
             return "finished"
         return "stale"
-    if os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.exists(os.path.join(workdir, LOG_FILE)):
+    if os.path.isdir(run_files.checkpoints_dir(workdir)) or os.path.exists(os.path.join(workdir, LOG_FILE)):
         return "partial"
     return "new"
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from softalign.sweep.aggregate import groups, is_fraction
 from softalign.sweep.grid import format_value
+from softalign.sweep.rows import groups
+from softalign.workdir import is_fraction
 
 
 def _number(value: Any) -> float | None:

@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = default_data_config()
     c.data.name = ""  # dataset name for real sources (e.g. 'cc12m'); the synthetic source ignores it
     c.data.path = ""  # where a real source's files are (shards, folder, TFDS data_dir)
+    # subset_file: a .npy of train-split record numbers to train on (python -m softalign.tools.reduce writes one);
+    # batch['index'] then numbers the records 0..len-1 in the file's order. Applied before train_fraction.
+    c.data.subset_file = ""
     # tokenizer.path: a tokenizer.json (e.g. CLIP's own). Empty: train a BPE on the source's captions and keep it in
     # the workdir, so a resumed run uses the same vocabulary.
     c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=1024, num_captions=20_000))
@@ -43,9 +46,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=100, min_lr_ratio=0.0, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6, grad_clip=1.0))
 
-    # PSD (METHOD.md). alpha_max=0 is plain CLIP InfoNCE. Defaults per the Flickr8k study (docs/results.md): the
+    # The loss on the embeddings (softalign/objectives/registry.py). 'infonce': CLIP's symmetric InfoNCE, with
+    # PSD's soft targets below when psd.alpha_max > 0.
+    c.objective = ml_collections.ConfigDict(dict(name="infonce"))
+    # siglip: the initial bias b of its logits s*u.v + b (a learnable leaf, params["objective"]["bias"]); SigLIP's -10
+    # keeps the initial loss small with B-1 negatives per image. Pair it with model.logit_scale_init=10 (its t').
+    c.objective.siglip_bias_init = -10.0
+    # infonce, synthetic source only: every pair the ground truth says is true is a positive (uniform hard target
+    # over them) instead of the batch's own pair alone: "knowing the false negatives", without soft targets.
+    c.objective.multi_positive = False
+
+    # PSD (docs/method.md). alpha_max=0 is plain CLIP InfoNCE. Defaults per the Flickr8k study (docs/results.md): the
     # EMA teacher was the best teacher at 50% caption noise (ahead of CLIP on i2t R@5 in 3 of 3 seeds, by ~1
-    # std), and no alpha_max / rho / ramp / momentum setting tried beat these, so they stay at METHOD.md's values.
+    # std), and no alpha_max / rho / ramp / momentum setting tried beat these, so they stay at docs/method.md's values.
     c.psd = ml_collections.ConfigDict(dict(
         alpha_max=0.5,
         ramp="linear",  # linear | cosine | constant
@@ -53,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
         ramp_end=-1,  # -1: num_steps
         subset_fraction=0.5,  # rho
         subset_groups=0,  # strata of S; 0: one per data shard (keeps the teacher's forward on local rows)
-        teacher="ema",  # self | ema | snapshot | memory
+        teacher="ema",  # self | ema | snapshot | memory | oracle (synthetic only: the exact ground truth)
         temperature=1.0,  # tau_d: divides the teacher logits (teacher keeps its own logit scale)
         ema_momentum=0.99,
         snapshot_every=1000,

@@ -1,6 +1,6 @@
-"""Files and trees for ``softalign.convert``: reading and writing open_clip / OpenAI CLIP state dicts
-(``.safetensors``, ``.pt``/``.pth``/``.bin``, OpenAI's TorchScript archives), softalign params (``.msgpack``) and a
-training run's checkpointed params; ``flatten``/``unflatten`` between nested params and ``{'a/b/c': leaf}``.
+"""Weight files: reading and writing open_clip / OpenAI CLIP state dicts (``.safetensors``, ``.pt``/``.pth``/``.bin``,
+OpenAI's TorchScript archives) and softalign params (``.msgpack``); ``flatten``/``unflatten`` between nested params
+and ``{'a/b/c': leaf}``.
 
 torch and safetensors are imported only when a file of their kind is read or written, so softalign itself never
 needs torch.
@@ -133,22 +133,6 @@ def save_params(params: Any, path: str) -> None:
     params = unflatten({k: np.asarray(v) for k, v in flatten(params).items()})
     with open(path, "wb") as f:
         f.write(serialization.msgpack_serialize(params))
-
-
-def restore_run_params(config_file: str, workdir: str, step: int | None = None) -> Params:
-    """The params of a training run's checkpoint (only ``params`` is read), for the run's config file."""
-    import importlib.util
-
-    import jax
-
-    from softalign import evaluate
-
-    spec = importlib.util.spec_from_file_location("softalign_run_config", config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    _, _, _, _, abstract = evaluate.load_model(module.get_config(), workdir)
-    params, _, _ = evaluate.restore_params(workdir, abstract, step)
-    return jax.device_get(params)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -9,17 +9,29 @@ too, so the scan also keeps a rescaled running sum of the teacher weights and of
 
 The backward pass (``custom_vjp``) recomputes each chunk's logits and applies dCE/dL = softmax(L) - Y. The key
 gradients ride around the ring with their blocks and arrive back at their owners. No b x B array exists in
-either pass. ``_direction_sums`` in ``losses.py`` is the unchunked reference.
+either pass. ``_direction_sums`` in ``infonce.py`` is the unchunked reference.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 _NEG = -1e30  # finite "minus infinity" for running maxima, so exp(m_old - m_new) never sees inf - inf
+
+
+class DirectionSums(NamedTuple):
+    """Sums over one direction's rows (i2t or t2i) on one device; ``psum``-ed over the mesh, then averaged."""
+
+    loss: jax.Array  # sum of per-row losses (the mixed target where in S, one-hot elsewhere)
+    hard: jax.Array  # sum of one-hot cross-entropies
+    soft: jax.Array  # sum over S of soft-target cross-entropies
+    entropy: jax.Array  # sum over S of the soft targets' entropies
+    correct: jax.Array  # rows whose argmax is the paired column
+    in_subset: jax.Array  # rows in S (that have a teacher)
 
 
 def _chunks(keys, valid, chunk):
@@ -74,7 +86,7 @@ def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alph
         logits = _chunk_logits(q, k, scale, r)
         finite = jnp.isfinite(logits)
         m = jnp.maximum(c["m"], logits.max(axis=1))
-        l = c["l"] * jnp.exp(c["m"] - m) + jnp.exp(logits - m[:, None]).sum(axis=1)
+        total = c["l"] * jnp.exp(c["m"] - m) + jnp.exp(logits - m[:, None]).sum(axis=1)
         label = c["label"] + jnp.where(col[None, :] == labels[:, None], jnp.where(finite, logits, 0.0), 0.0).sum(1)
         cmax, carg = logits.max(axis=1), col[jnp.argmax(logits, axis=1)]
         better = cmax > c["best"]
@@ -83,7 +95,7 @@ def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alph
         w = jnp.exp(t - mt[:, None])
         rescale = jnp.exp(c["mt"] - mt)
         tfin = jnp.where(jnp.isfinite(t), t, 0.0)
-        new = dict(m=m, l=l, label=label, best=jnp.where(better, cmax, c["best"]),
+        new = dict(m=m, l=total, label=label, best=jnp.where(better, cmax, c["best"]),
                    arg=jnp.where(better, carg, c["arg"]), mt=mt, lt=c["lt"] * rescale + w.sum(axis=1),
                    wl=c["wl"] * rescale + (w * jnp.where(finite, logits, 0.0)).sum(axis=1),
                    wt=c["wt"] * rescale + (w * tfin).sum(axis=1))
@@ -107,14 +119,15 @@ def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alph
     per_row = jnp.where(has_t, (1.0 - alpha) * hard + alpha * soft, hard)
     sub = has_t.astype(q.dtype)
     correct = (c["arg"] == labels).astype(q.dtype)
-    sums = jnp.stack([per_row.sum(), hard.sum(), (soft * sub).sum(), (entropy * sub).sum(), correct.sum(), sub.sum()])
+    sums = DirectionSums(per_row.sum(), hard.sum(), (soft * sub).sum(), (entropy * sub).sum(), correct.sum(),
+                         sub.sum())
     return sums, (lse, jnp.where(has_t, lse_t, 0.0), has_t)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
 def chunked_direction_sums(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk,
                            use_self, axis=None, size=1):
-    """Same six sums as ``losses._direction_sums``; only ``sums[0]`` (the loss) carries gradients, to q/keys/scale.
+    """The same ``DirectionSums`` as ``infonce._direction_sums``; only ``loss`` carries gradients, to q/keys/scale.
 
     With ``size == 1`` ``keys`` are all B keys. Otherwise ``keys`` (and ``tkeys``/``tvalid``) are this device's
     block of a ring of ``size`` devices over ``axis``, and ``labels`` are global column indices.
@@ -141,7 +154,7 @@ def _bwd(tau, chunk, use_self, axis, size, res, g):
         t = _teacher_chunk(logits, tq, tk, t_scale, tvc, r, tau, use_self)
         soft_q = jnp.where(has_t[:, None], jnp.exp(t - lse_t[:, None]), 0.0)
         onehot = (col[None, :] == labels[:, None]).astype(q.dtype)
-        grad_logits = g[0] * (p - (1.0 - mix) * onehot - mix * soft_q)
+        grad_logits = g.loss * (p - (1.0 - mix) * onehot - mix * soft_q)
         dq = dq + scale * grad_logits @ k
         dk = scale * grad_logits.T @ q
         ds = ds + jnp.sum(grad_logits * jnp.where(jnp.isfinite(logits), logits, 0.0)) / scale

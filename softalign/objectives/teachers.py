@@ -1,92 +1,93 @@
-"""Where PSD's soft targets come from (METHOD.md, "Teachers"), behind one small interface.
+"""Where PSD's soft targets come from (docs/method.md, "Teachers"), behind one small interface.
 
 A teacher owns a pytree of state that lives in the train state (and so in checkpoints). Inside the jitted step it
 is asked, in order: ``prepare`` (before the loss), ``targets`` (teacher embeddings for the subset S, or ``None``
-for the student's own logits) and ``update`` (after the optimizer step). New teachers (e.g. ``external``)
-plug in by implementing these three methods and registering a builder in ``TEACHERS``.
-
-Two optional class attributes extend the interface (the step reads them with ``getattr``, default ``False``):
-``student_scale`` -- the teacher logits use the student's current logit scale (stop-gradient), filled in by the
-step after the forward pass; ``host_memory`` -- the teacher reads per-record embeddings that the train loop adds
-to the batch from a host-side :class:`softalign.memory_bank.MemoryBank`, and the step returns the batch's student
-embeddings (``stored``) for the loop to write back.
+for the student's own logits) and ``update`` (after the optimizer step). :class:`Teacher` gives every method and
+attribute a default, so a new teacher overrides only what it changes and is registered with one line in
+``registry.TEACHERS``. Constructors validate their own knobs (``ValueError`` naming the config key).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from softalign import psd
-from softalign.losses import TeacherTargets
-from softalign.memory_bank import DTYPES, MEMORY_IMAGE, MEMORY_SEEN, MEMORY_TEXT
+from softalign.objectives import soft_targets
+from softalign.objectives.base import TeacherTargets
+from softalign.objectives.memory_bank import DTYPES, MEMORY_IMAGE, MEMORY_SEEN, MEMORY_TEXT
 
 # (params, images, tokens) -> (image_emb, text_emb, logit_scale)
 EmbedFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
-class Teacher(Protocol):
-    """The interface every teacher implements; all methods are traced inside the train step."""
+class Teacher:
+    """The interface every teacher implements, with defaults; all methods are traced inside the train step.
 
-    name: str
-    needs_forward: bool
+    ``student_scale``: the teacher logits use the student's current logit scale (stop-gradient), which the step
+    fills in after the forward pass. ``host_memory``: the teacher reads per-record embeddings that the train loop
+    adds to the batch from a host-side :class:`~softalign.objectives.memory_bank.MemoryBank`, and the step returns
+    :meth:`host_outputs` as its own output for the loop to write back.
+    """
 
-    def init(self, params: Any) -> Any: ...
+    name: str = ""
+    student_scale: bool = False
+    host_memory: bool = False
+    needs_truth: bool = False  # reads the synthetic source's ground-truth batch fields (data/scene_truth.py)
+    log_targets: bool = False  # gives TeacherTargets.log_targets, which only the unchunked loss takes
 
-    def prepare(self, state: Any, params: Any, step: jax.Array) -> Any: ...
+    def init(self, params: Any) -> Any:
+        """The teacher's state in the train state (a pytree; ``{}`` for none)."""
+        return {}
 
-    def targets(
-        self, state: Any, batch: dict[str, jax.Array], subset_idx: jax.Array, embed: EmbedFn
-    ) -> TeacherTargets | None: ...
+    def prepare(self, state: Any, params: Any, step: jax.Array) -> Any:
+        """The state to take targets from at ``step`` (before the optimizer update)."""
+        return state
 
-    def update(self, state: Any, new_params: Any, step: jax.Array) -> Any: ...
+    def targets(self, state: Any, batch: dict[str, jax.Array], subset_idx: jax.Array,
+                embed: EmbedFn) -> TeacherTargets | None:
+        """Teacher embeddings for the batch (valid on S at least); ``None``: the student's own logits."""
+        return None
+
+    def update(self, state: Any, new_params: Any, step: jax.Array) -> Any:
+        """The state after the optimizer step has produced ``new_params``."""
+        return state
+
+    def host_outputs(self, image_emb: jax.Array, text_emb: jax.Array,
+                     batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """What the step hands back to the host for this teacher (``{}`` unless ``host_memory``)."""
+        return {}
 
 
-class SelfTeacher:
+class SelfTeacher(Teacher):
     """T = stop_gradient(student logits) of the same pass: no state, no extra compute.
 
-    At tau = 1 the soft term's gradient is exactly zero (METHOD.md); it only matters with tau != 1.
+    At tau = 1 the soft term's gradient is exactly zero (docs/method.md); it only matters with tau != 1.
     """
 
     name = "self"
-    needs_forward = False
-
-    def init(self, params):
-        return {}
-
-    def prepare(self, state, params, step):
-        return state
-
-    def targets(self, state, batch, subset_idx, embed):
-        return None
-
-    def update(self, state, new_params, step):
-        return state
 
 
-class _ParamsTeacher:
+class _ParamsTeacher(Teacher):
     """Shared part of teachers that hold a copy of the parameters and embed S with it."""
-
-    needs_forward = True
 
     def init(self, params):
         return {"params": jax.tree.map(jnp.copy, params)}
 
     def targets(self, state, batch, subset_idx, embed):
-        images = psd.gather_subset(batch["image"], subset_idx)
-        tokens = psd.gather_subset(batch["tokens"], subset_idx)
+        images = soft_targets.gather_subset(batch["image"], subset_idx)
+        tokens = soft_targets.gather_subset(batch["tokens"], subset_idx)
         params = jax.lax.stop_gradient(state["params"])
         img, txt, scale = embed(params, images, tokens)
         size = batch["image"].shape[0]
         ones = jnp.ones((img.shape[0],), bool)
         return TeacherTargets(
-            image_emb=psd.scatter_subset(img.astype(jnp.float32), subset_idx, size),
-            text_emb=psd.scatter_subset(txt.astype(jnp.float32), subset_idx, size),
+            image_emb=soft_targets.scatter_subset(img.astype(jnp.float32), subset_idx, size),
+            text_emb=soft_targets.scatter_subset(txt.astype(jnp.float32), subset_idx, size),
             scale=jax.lax.stop_gradient(scale).astype(jnp.float32),
-            valid=psd.scatter_subset(ones, subset_idx, size),
+            valid=soft_targets.scatter_subset(ones, subset_idx, size),
         )
 
 
@@ -99,9 +100,6 @@ class EmaTeacher(_ParamsTeacher):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"psd.ema_momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
-
-    def prepare(self, state, params, step):
-        return state
 
     def update(self, state, new_params, step):
         return {"params": optax.incremental_update(new_params, state["params"], 1.0 - self.momentum)}
@@ -121,21 +119,17 @@ class SnapshotTeacher(_ParamsTeacher):
         refresh = (step % self.every) == 0
         return {"params": jax.tree.map(lambda p, t: jnp.where(refresh, p, t), params, state["params"])}
 
-    def update(self, state, new_params, step):
-        return state
 
-
-class MemoryTeacher:
+class MemoryTeacher(Teacher):
     """T = s * U_old V_old^T from the student's own embeddings of each record at its previous visit (PS-KD's
     per-sample store, carried over to pairs). No extra compute and no train-state: the embeddings live in a host
-    bank (``softalign/memory_bank.py``) and arrive as batch entries; ``s`` is the student's current logit scale.
+    bank (``memory_bank.py``) and arrive as batch entries; ``s`` is the student's current logit scale.
 
     Records never seen before are not valid: their rows keep one-hot targets and their columns get no soft mass.
     Every seen row and column counts (not only S's), since having them costs nothing.
     """
 
     name = "memory"
-    needs_forward = False
     student_scale = True
     host_memory = True
 
@@ -143,12 +137,6 @@ class MemoryTeacher:
         if dtype not in DTYPES:
             raise ValueError(f"psd.memory_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dtype = jnp.dtype(DTYPES[dtype])
-
-    def init(self, params):
-        return {}
-
-    def prepare(self, state, params, step):
-        return state
 
     def targets(self, state, batch, subset_idx, embed):
         return TeacherTargets(
@@ -158,28 +146,9 @@ class MemoryTeacher:
             valid=batch[MEMORY_SEEN].astype(bool),
         )
 
-    def update(self, state, new_params, step):
-        return state
-
-    def stored(self, image_emb: jax.Array, text_emb: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def host_outputs(self, image_emb, text_emb, batch):
         """What the step returns for the bank: the batch's record indices and its student embeddings (the ones
         the loss used, stop-gradient), already in the bank's dtype so the device-to-host copy is no larger."""
         sg = jax.lax.stop_gradient
         return {"index": batch["index"], "image": sg(image_emb).astype(self.dtype),
                 "text": sg(text_emb).astype(self.dtype)}
-
-
-TEACHERS: dict[str, Callable[[Any], Teacher]] = {
-    "self": lambda cfg: SelfTeacher(),
-    "ema": lambda cfg: EmaTeacher(cfg.ema_momentum),
-    "snapshot": lambda cfg: SnapshotTeacher(cfg.snapshot_every),
-    "memory": lambda cfg: MemoryTeacher(cfg.get("memory_dtype", "float32")),
-}
-
-
-def make_teacher(psd_config: Any) -> Teacher:
-    """Builds the teacher named by ``psd_config.teacher``."""
-    name = psd_config.teacher
-    if name not in TEACHERS:
-        raise ValueError(f"psd.teacher={name!r} is not available; choose one of {sorted(TEACHERS)}")
-    return TEACHERS[name](psd_config)

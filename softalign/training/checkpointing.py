@@ -17,6 +17,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from softalign import workdir as run_files
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No (complete) checkpoint where one was asked for; the message says where and which steps exist."""
+
 
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` with the items ``state``, ``data`` and (optional) ``memory``."""
@@ -80,3 +86,29 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """``ShapeDtypeStruct``s (with shardings) of a pytree of arrays, for restoring into the same layout."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int, str]:
+    """Reads only ``params`` of checkpoint ``step`` (default latest) under ``WORKDIR/checkpoints`` (an Orbax partial
+    restore: no optimizer or teacher state is read). Returns ``(params, step, path)``."""
+    directory = run_files.checkpoints_dir(workdir)
+    if not os.path.isdir(directory):
+        raise CheckpointNotFoundError(f"no checkpoints in {directory} (train first: python -m softalign.main ...)")
+    ckpt = Checkpointer(directory)
+    try:
+        latest = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    if latest is None:
+        raise CheckpointNotFoundError(f"no complete checkpoint in {directory}")
+    step = latest if step is None else int(step)
+    path = os.path.join(ckpt.directory, str(step), "state")
+    if not os.path.isdir(path):
+        steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+        raise CheckpointNotFoundError(f"no checkpoint of step {step} in {directory}; saved steps: {steps}")
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    return restored["params"], step, path

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from softalign.sharding import BATCH_AXES
+from softalign.parallel.sharding import BATCH_AXES
 
 EmbedFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
-LossFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+SplitFn = Callable[[Any], tuple[Any, Any]]
 
 
 def _split(x: jax.Array, num_micro: int, mesh: Mesh, axis) -> jax.Array:
@@ -36,15 +37,22 @@ def _merge(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
+def _no_split(params: Any) -> tuple[Any, Any]:
+    return params, {}
+
+
 def cached_feature_grads(embed: EmbedFn, loss_of_embeddings: LossFn, params: Any, images: jax.Array,
-                         tokens: jax.Array, num_micro: int, mesh: Mesh, axis=BATCH_AXES):
-    """Returns ``((loss, metrics), grads)`` of ``loss_of_embeddings(*embed(params, images, tokens))`` over the whole
-    batch, running the towers on ``num_micro`` micro-batches at a time."""
+                         tokens: jax.Array, num_micro: int, mesh: Mesh, axis=BATCH_AXES, split: SplitFn = _no_split):
+    """Returns ``((loss, aux), grads, objective_grads)`` of
+    ``loss_of_embeddings(*embed(params, images, tokens), objective_params)`` over the whole batch, running the towers
+    on ``num_micro`` micro-batches at a time. ``split(params)`` gives ``(model params, objective params)``. The
+    towers never read the objective's own leaves, so ``grads`` holds zeros there; their gradient is
+    ``objective_grads``, taken from the loss directly."""
     imgs, toks = _split(images, num_micro, mesh, axis), _split(tokens, num_micro, mesh, axis)
     frozen = jax.lax.stop_gradient(params)
     u, v, scales = jax.lax.map(lambda it: embed(frozen, *it), (imgs, toks))
-    (loss, metrics), (du, dv, dscale) = jax.value_and_grad(loss_of_embeddings, argnums=(0, 1, 2), has_aux=True)(
-        _merge(u), _merge(v), scales[0])
+    (loss, aux), (du, dv, dscale, dobj) = jax.value_and_grad(loss_of_embeddings, argnums=(0, 1, 2, 3), has_aux=True)(
+        _merge(u), _merge(v), scales[0], split(params)[1])
     du, dv = _split(du, num_micro, mesh, axis), _split(dv, num_micro, mesh, axis)
 
     def backprop(acc, xs):
@@ -55,4 +63,4 @@ def cached_feature_grads(embed: EmbedFn, loss_of_embeddings: LossFn, params: Any
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, _ = jax.lax.scan(backprop, zeros, (imgs, toks, du, dv))
-    return (loss, metrics), grads
+    return (loss, aux), grads, dobj

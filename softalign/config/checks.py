@@ -3,24 +3,40 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
-from softalign import memory_bank, psd
+from softalign.config.errors import ConfigError
 from softalign.data.sources import available_sources
 from softalign.data.subset import subset_size
 from softalign.models.clip import validate_model_config
-from softalign.teachers import TEACHERS
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
+from softalign.objectives import registry, soft_targets
+from softalign.objectives.base import ObjectiveContext
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _constructed(build: Callable[[], Any]) -> Any:
+    """Runs a constructor that validates its own arguments; its ``ValueError`` becomes a ``ConfigError``."""
+    try:
+        return build()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_batch(config: Any, key: str, num_data_shards: int) -> None:
+    value = config[key]
+    _require(value > 0 and value % num_data_shards == 0,
+             f"{key}={value} must be a positive multiple of the {num_data_shards} data-parallel devices")
+
+
+def validate_eval(config: Any, *, num_devices: int) -> None:
+    """The checks standalone evaluation needs (its batch is split over ``num_devices``)."""
+    _check_batch(config, "eval_batch_size", num_devices)
 
 
 def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -> None:
@@ -30,9 +46,7 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
         _require(os.path.isdir(parent), f"--workdir={workdir}: parent directory {parent} does not exist")
     _require(config.num_steps > 0, f"num_steps must be positive, got {config.num_steps}")
     for key in ("batch_size", "eval_batch_size"):
-        value = config[key]
-        _require(value > 0 and value % num_data_shards == 0,
-                 f"{key}={value} must be a positive multiple of the {num_data_shards} data-parallel devices")
+        _check_batch(config, key, num_data_shards)
     model = config.model
     if model.text.vocab_size <= 0 or model.text.eot_id < 0:  # filled in from the tokenizer later
         model = ml_collections.ConfigDict(model.to_dict())
@@ -50,7 +64,6 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     _require(accum >= 1 and config.batch_size % (accum * num_data_shards) == 0,
              f"grad_accum_steps={accum} must be >= 1 and batch_size={config.batch_size} divisible by "
              f"grad_accum_steps x {num_data_shards} data shards")
-    _require(config.loss_chunk_size >= 0, f"loss_chunk_size={config.loss_chunk_size} must be >= 0 (0: unchunked)")
     known = available_sources()
     _require(config.data.source in known,
              f"data.source={config.data.source!r} is not available; known sources: {known}")
@@ -60,19 +73,22 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     tok = config.tokenizer.path
     _require(not tok or "://" in tok or os.path.exists(tok), f"tokenizer.path={tok} does not exist")
     p = config.psd
-    _require(p.teacher in TEACHERS, f"psd.teacher={p.teacher!r} is not one of {sorted(TEACHERS)}")
-    _require(p.ramp in psd.RAMPS, f"psd.ramp={p.ramp!r} is not one of {psd.RAMPS}")
+    teacher = _constructed(lambda: registry.make_teacher(p))
+    _require(not teacher.needs_truth or config.data.source == "synthetic",
+             f"psd.teacher={p.teacher!r} needs the synthetic source's ground truth, not "
+             f"data.source={config.data.source!r}")
+    _require(not teacher.log_targets or config.loss_chunk_size == 0,
+             f"psd.teacher={p.teacher!r} needs the unchunked loss: set loss_chunk_size=0")
+    ramp_end = p.ramp_end if p.ramp_end >= 0 else config.num_steps
+    _constructed(lambda: soft_targets.alpha_schedule(p.alpha_max, p.ramp, p.ramp_start, ramp_end))
     _require(0.0 <= p.alpha_max <= 1.0, f"psd.alpha_max={p.alpha_max} must be in [0, 1]")
-    _require(p.temperature > 0, f"psd.temperature={p.temperature} must be positive")
-    _require(0.0 <= p.subset_fraction <= 1.0, f"psd.subset_fraction={p.subset_fraction} must be in [0, 1]")
     groups = p.subset_groups or num_data_shards
-    _require(groups % num_data_shards == 0 and config.batch_size % groups == 0,
-             f"psd.subset_groups={groups} must be a multiple of the {num_data_shards} data shards and divide "
-             f"batch_size={config.batch_size}")
-    _require(0.0 <= p.ema_momentum < 1.0, f"psd.ema_momentum={p.ema_momentum} must be in [0, 1)")
-    _require(p.snapshot_every > 0, f"psd.snapshot_every={p.snapshot_every} must be positive")
-    _require(p.memory_dtype in memory_bank.DTYPES,
-             f"psd.memory_dtype={p.memory_dtype!r} is not one of {sorted(memory_bank.DTYPES)}")
+    _require(groups % num_data_shards == 0,
+             f"psd.subset_groups={groups} must be a multiple of the {num_data_shards} data shards")
+    _constructed(lambda: soft_targets.subset_layout(config.batch_size, p.subset_fraction, groups))
+    objective = _constructed(lambda: registry.make_objective(ObjectiveContext(config, None, config.batch_size)))
+    _require(objective.supports_soft_targets or p.alpha_max == 0,
+             f"objective.name={config.objective.name!r} takes no PSD soft targets: set psd.alpha_max=0")
     o = config.optim
     _require(o.lr > 0 and o.warmup_steps >= 0 and o.weight_decay >= 0,
              "optim.lr must be positive; optim.warmup_steps and optim.weight_decay non-negative")

@@ -7,10 +7,10 @@ record in every epoch; with ``data.train_fraction < 1`` it is the position in th
 ``N * (2 * D * itemsize + 4)`` bytes; every process keeps the whole bank (all write the same gathered global
 batch), and an Orbax save deep-copies it on the host, so the peak is twice that.
 
-The train loop (``softalign/train.py``) runs, for step t:
+The train loop (``softalign/training/train.py``) runs, for step t:
 
 1. ``lookup(index_t)`` -> ``memory_image``/``memory_text``/``memory_seen`` rows, added to the batch;
-2. dispatch the jitted step t, which returns this batch's student embeddings (``MEMORY_OUTPUT``);
+2. dispatch the jitted step t, which returns this batch's student embeddings as its host output;
 3. ``stage(output_t, t)``: write back step t-1's embeddings (fetching them waits for step t-1 only, while step t
    is already queued: no host sync on the step in flight), then keep step t's device arrays pending.
 
@@ -34,8 +34,6 @@ import numpy as np
 DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 # Extra batch entries the loop adds and the memory teacher reads.
 MEMORY_IMAGE, MEMORY_TEXT, MEMORY_SEEN = "memory_image", "memory_text", "memory_seen"
-# The key under which the step's metrics carry {"index", "image", "text"} of the batch for the write-back.
-MEMORY_OUTPUT = "memory_write"
 
 
 def bank_nbytes(size: int, dim: int, dtype: str) -> int:

@@ -96,6 +96,7 @@ def write_tar(path: str, members: Sequence[tuple[str, bytes]]) -> None:
 
 def write_arrayrecord(path: str, records: Sequence[bytes]) -> None:
     from array_record.python import array_record_module
+
     from softalign.data.arrayrecord import WRITER_OPTIONS
     writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
     for record in records:

@@ -1,6 +1,6 @@
 """PSD knobs that are not the loss itself: the alpha ramp and the per-step subset S.
 
-See METHOD.md: ``alpha_t = alpha_max * ramp(t)`` and S is a random subset of about ``rho * B`` rows of the
+See docs/method.md: ``alpha_t = alpha_max * ramp(t)`` and S is a random subset of about ``rho * B`` rows of the
 global batch, drawn each step from the step's RNG.
 """
 
@@ -28,6 +28,9 @@ def alpha_schedule(
         raise ValueError(f"psd.ramp must be one of {RAMPS}, got {ramp!r}")
     if ramp == "constant":
         return optax.constant_schedule(alpha_max)
+    if int(end_step) < int(start_step):
+        raise ValueError(f"psd.ramp_start={start_step} is after the ramp's end {end_step} (psd.ramp_end, or "
+                         "num_steps when it is -1)")
     span = max(int(end_step) - int(start_step), 1)
     if ramp == "linear":
         return optax.linear_schedule(0.0, alpha_max, transition_steps=span, transition_begin=int(start_step))

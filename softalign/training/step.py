@@ -1,0 +1,186 @@
+"""The train state and one pure, jitted train step ``(state, batch) -> (state, metrics, host_outputs)``.
+
+Both towers, the teacher's targets, the configured objective, the gradients and the optax update run in one
+``jax.jit`` with explicit ``in_shardings``/``out_shardings``; the objective itself is a ``shard_map`` that builds
+only each device's b x B logit rows (see ``objectives/infonce.py``). A step whose loss, gradient or updated state
+is not finite leaves params, optimizer and teacher untouched and records its step in ``state.nonfinite_step``, so
+no NaN or Inf ever reaches a checkpoint. ``host_outputs`` is what the teacher hands back to the host (the memory
+teacher's embeddings; ``{}`` for the others).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from softalign.objectives import registry, soft_targets
+from softalign.objectives.base import LossInputs, Objective, ObjectiveContext
+from softalign.objectives.memory_bank import MEMORY_SEEN
+from softalign.objectives.teachers import Teacher
+from softalign.parallel import sharding
+from softalign.training import accumulate
+
+OBJECTIVE_PARAMS = "objective"  # params[OBJECTIVE_PARAMS]: the objective's own leaves, when it has any
+
+StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 ()
+    params: Any
+    opt_state: Any
+    teacher: Any
+    rng: jax.Array  # uint32 (2,) raw PRNG key data, so checkpoints stay plain arrays
+    nonfinite_step: jax.Array  # int32 (), -1 while every step so far was finite
+
+
+def with_objective_params(model_params: Any, objective: Objective) -> Any:
+    """The trainable params: the model's, plus ``objective`` leaves when the objective has any."""
+    extra = objective.init_params()
+    return {**model_params, OBJECTIVE_PARAMS: extra} if extra else model_params
+
+
+def split_params(params: Any) -> tuple[Any, dict[str, jax.Array]]:
+    """``(model params, objective params)`` from the trainable params."""
+    if isinstance(params, dict) and OBJECTIVE_PARAMS in params:
+        return {k: v for k, v in params.items() if k != OBJECTIVE_PARAMS}, params[OBJECTIVE_PARAMS]
+    return params, {}
+
+
+def create_state(params: Any, tx: optax.GradientTransformation, teacher: Teacher, seed: int) -> TrainState:
+    """A fresh train state at step 0."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        teacher=teacher.init(params),
+        rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating leaf of ``tree`` is finite (a scalar bool).
+
+    The leaves are concatenated and checked in one reduction: a reduction per leaf compiled 1.5x slower on XLA:CPU
+    (the tiny test model's step: 4.5 s without the check, 6.6 s per leaf, 4.7 s concatenated). The price is a
+    temporary copy of the leaves (measured: one params-sized buffer on CPU).
+    """
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])))
+
+
+def make_train_step(
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    teacher: Teacher,
+    objective: Objective,
+    psd_config: Any,
+    num_steps: int,
+    mesh: Mesh,
+    batch_size: int,
+    grad_accum_steps: int = 1,
+) -> StepFn:
+    """Builds the (not yet jitted) step function. See :func:`jit_train_step`.
+
+    With a ``host_memory`` teacher the batch must carry the bank's rows (``memory_image``/``memory_text``/
+    ``memory_seen``), and the step's third output is ``{"index", "image", "text"}`` of the batch (replicated),
+    which the caller hands to ``MemoryBank.stage``.
+    """
+    ramp_end = psd_config.ramp_end if psd_config.ramp_end >= 0 else num_steps
+    alpha_fn = soft_targets.alpha_schedule(psd_config.alpha_max, psd_config.ramp, psd_config.ramp_start, ramp_end)
+    groups = psd_config.subset_groups or sharding.num_batch_shards(mesh)
+    soft_targets.subset_layout(batch_size, psd_config.subset_fraction, groups)  # validates early
+    use_teacher = objective.supports_soft_targets and psd_config.alpha_max > 0 and psd_config.subset_fraction > 0
+
+    def embed(params, images, tokens):
+        return model.apply({"params": split_params(params)[0]}, images, tokens)
+
+    def step_fn(state: TrainState, batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)
+        subset_idx, subset_mask = soft_targets.draw_subset(key, batch_size, psd_config.subset_fraction, groups)
+        alpha = alpha_fn(state.step)
+        teacher_state = teacher.prepare(state.teacher, state.params, state.step) if use_teacher else state.teacher
+        targets = teacher.targets(teacher_state, batch, subset_idx, embed) if use_teacher else None
+        if not use_teacher:
+            subset_mask = jnp.zeros_like(subset_mask)
+
+        def loss_of_embeddings(img, txt, scale, objective_params):
+            t = targets
+            if t is not None and teacher.student_scale:  # e.g. memory: T = s * U_old V_old^T, s the student's
+                t = t._replace(scale=jax.lax.stop_gradient(scale).astype(jnp.float32))
+            inputs = LossInputs(img, txt, scale, objective_params, t, subset_mask, jnp.asarray(alpha), batch)
+            loss, metrics = objective(inputs)
+            if teacher.host_memory:
+                metrics = dict(metrics, memory_seen=jnp.mean(batch[MEMORY_SEEN].astype(jnp.float32)))
+            host = teacher.host_outputs(img, txt, batch)  # the embeddings this loss used (aux: no gradient)
+            return loss, (metrics, host)
+
+        if grad_accum_steps > 1:
+            (loss, (metrics, host)), grads, objective_grads = accumulate.cached_feature_grads(
+                embed, loss_of_embeddings, state.params, batch["image"], batch["tokens"], grad_accum_steps, mesh,
+                split=split_params)
+            if objective_grads:
+                grads = {**grads, OBJECTIVE_PARAMS: objective_grads}
+        else:
+            def loss_fn(p):
+                return loss_of_embeddings(*embed(p, batch["image"], batch["tokens"]), split_params(p)[1])
+
+            (loss, (metrics, host)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_teacher = teacher.update(teacher_state, params, state.step) if use_teacher else teacher_state
+
+        # An overflowing update (a huge learning rate) can leave a finite loss and gradient but Inf parameters, so
+        # the new parameters are checked too. The optimizer's moments are averages of the gradient and its square:
+        # finite whenever grad_norm is (a square that overflows makes the norm Inf). The teacher is an average or
+        # a copy of finite parameters.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=_select(finite, params, state.params),
+            opt_state=_select(finite, opt_state, state.opt_state),
+            teacher=_select(finite, new_teacher, state.teacher),
+            nonfinite_step=jnp.where(finite | (state.nonfinite_step >= 0), state.nonfinite_step, state.step),
+        )
+        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(state.step))
+        return new_state, metrics, host
+
+    return step_fn
+
+
+def build_train_step(config: Any, *, model: Any, mesh: Mesh, tx: optax.GradientTransformation,
+                     lr_schedule: optax.Schedule) -> tuple[StepFn, Teacher, Objective]:
+    """The step for a resolved config: ``(step_fn, teacher, objective)``, the teacher and objective built from
+    ``config.psd`` and ``config.objective`` through the registries."""
+    teacher = registry.make_teacher(config.psd)
+    objective = registry.make_objective(ObjectiveContext(config, mesh, config.batch_size))
+    step_fn = make_train_step(model=model, tx=tx, lr_schedule=lr_schedule, teacher=teacher, objective=objective,
+                              psd_config=config.psd, num_steps=config.num_steps, mesh=mesh,
+                              batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps)
+    return step_fn, teacher, objective
+
+
+def jit_train_step(step_fn: StepFn, mesh: Mesh, state_shardings: Any) -> StepFn:
+    """Jits the step with the state's shardings, the batch sharded over ``data`` and the state donated."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,321 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Wires config -> data -> model -> objective/teacher -> jitted step, then runs it with periodic metrics, evaluation
+and Orbax checkpoints. A run resumes from the latest checkpoint in ``workdir``; a finished run only re-evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import clu.metrics
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from softalign import workdir as run_files
+from softalign.config import checks
+from softalign.data import pipeline
+from softalign.data.sources import build_source
+from softalign.data.tokenizer import Tokenizer
+from softalign.evaluation import suite
+from softalign.interop import weights
+from softalign.models import CLIP, build_model, example_inputs
+from softalign.objectives import memory_bank, registry
+from softalign.parallel import sharding
+from softalign.training import checkpointing, setup, writers
+from softalign.training.optim import make_optimizer
+from softalign.training.step import (
+    StepFn,
+    TrainState,
+    build_train_step,
+    create_state,
+    jit_train_step,
+    split_params,
+    with_objective_params,
+)
+
+Results = dict[str, dict[str, float]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss, gradient or updated state became NaN/Inf; the message names the step."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from the config that the loop and the evaluators need."""
+
+    config: Any
+    mesh: Any
+    model: CLIP
+    state: TrainState
+    train_step: StepFn
+    state_shardings: Any
+    tokenizer: Tokenizer
+    encode_image: Any  # jitted (model params, images) -> emb
+    encode_text: Any
+
+
+def build_run(config: Any, workdir: str) -> Run:
+    """Builds mesh, tokenizer, model, optimizer, teacher, objective, initial state and the jitted step."""
+    num_devices = setup.device_count(config)
+    checks.validate(config, num_data_shards=num_devices, workdir=workdir)
+    mesh = sharding.make_mesh(num_devices, fsdp=config.fsdp)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    tokenizer = setup.load_tokenizer(config, workdir)
+    config = setup.resolve_config(config, tokenizer)
+    if jax.process_index() == 0:  # the resolved config, so softalign.load and the tools can rebuild the model
+        run_files.write_json_atomic(os.path.join(workdir, run_files.CONFIG_FILE), config.to_dict())
+    checks.validate(config, num_data_shards=num_devices)
+    model = build_model(config.model)
+    tx, lr_schedule = make_optimizer(config.optim, config.num_steps)
+    step_fn, teacher, objective = build_train_step(config, model=model, mesh=mesh, tx=tx, lr_schedule=lr_schedule)
+    images, tokens = example_inputs(config.model)
+    pretrained = weights.init_from_params(config, workdir)  # None unless init_from is set and the run is fresh
+
+    def init_state(pretrained=None):
+        params = model.init(jax.random.key(config.seed), images, tokens)["params"]
+        if pretrained is not None:  # fine-tuning: converted open_clip / OpenAI weights (shapes checked)
+            params = pretrained
+        return create_state(with_objective_params(params, objective), tx, teacher, config.seed)
+
+    state_shardings = sharding.state_sharding(mesh, jax.eval_shape(init_state), fsdp_min_size=config.fsdp_min_size,
+                                              rules=[tuple(r) for r in config.sharding_rules])
+    state = jax.jit(init_state, out_shardings=state_shardings)(pretrained)
+    encode_image, encode_text = setup.encoders(model)
+    return Run(config, mesh, model, state, jit_train_step(step_fn, mesh, state_shardings), state_shardings,
+               tokenizer, encode_image, encode_text)
+
+
+def evaluate(run: Run, evaluators: list[suite.Evaluator], params: Any) -> Results:
+    """Runs ``evaluators`` on the model part of ``params``; returns ``{name: metrics}``."""
+    model_params = split_params(params)[0]
+    enc_img = functools.partial(run.encode_image, model_params)
+    enc_txt = functools.partial(run.encode_text, model_params)
+    return {ev.name: ev.run(enc_img, enc_txt) for ev in evaluators}
+
+
+def report(results: Results, evaluators: list[suite.Evaluator], step: int, final: bool = False) -> None:
+    """Logs evaluation lines; the final ones also go to stdout, each beside its chance level."""
+    chances = {ev.name: ev.chance for ev in evaluators}
+    for name, metrics in results.items():
+        for line in suite.report_lines(f"[step {step}] {name}", metrics, chances[name]):
+            if final:
+                print(line, flush=True)
+            else:
+                logging.info("%s", line)
+
+
+def _write_results(workdir: str, step: int, results: Results) -> None:
+    if jax.process_index() == 0:
+        run_files.write_json_atomic(os.path.join(workdir, run_files.RESULTS_FILE), {"step": step, "results": results})
+
+
+def _write_done(workdir: str, step: int, num_steps: int, wall_seconds: float, train: dict[str, float]) -> None:
+    """Marks the run complete: ``done.json`` with the final step, ``num_steps``, this process's wall seconds and
+    the last logged train metrics. Written after ``eval_results.json`` and the final checkpoint, staged and
+    renamed, so it never exists for an unfinished run."""
+    if jax.process_index() == 0:
+        run_files.write_json_atomic(os.path.join(workdir, run_files.DONE_FILE), {
+            "step": step, "num_steps": num_steps, "wall_seconds": round(wall_seconds, 3), "train": train,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption) or Ctrl-C: the loop saves a checkpoint and exits cleanly. A second Ctrl-C
+    interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.stop = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.warning("%s received: saving a checkpoint and exiting", signal.Signals(signum).name)
+        self.stop = True
+
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether all processes stop after ``step``. With several processes they agree every ``every`` steps (a
+        process that saw SIGTERM runs on to that step), so all of them join the same final multi-host save."""
+        if jax.process_count() == 1:
+            return self.stop
+        if step % every:
+            return False
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.stop))))
+
+    def restore(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"loss, gradient or updated parameters became non-finite at step {bad}; that update was skipped and "
+            f"training stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept.")
+
+
+class _MemoryHook:
+    """The ``memory`` teacher's host bank, wired into the loop: rows looked up before each step, the step's
+    embeddings written back after it, the bank saved with every checkpoint. A no-op for other teachers."""
+
+    def __init__(self, config: Any, ckpt: checkpointing.Checkpointer, restored_step: int | None):
+        self.bank = None
+        if not registry.make_teacher(config.psd).host_memory:
+            return
+        size = len(build_source(config.data, "train"))  # batch['index'] is the record's index in the train split
+        self.bank = memory_bank.MemoryBank(size, config.model.embed_dim, config.psd.memory_dtype)
+        print(self.bank.describe(), flush=True)
+        logging.info("%s", self.bank.describe())
+        if restored_step is not None:
+            saved = ckpt.restore_memory(restored_step)
+            if saved is None:
+                logging.warning("checkpoint %d has no memory bank: the memory teacher starts empty", restored_step)
+            else:
+                self.bank.load(saved)
+
+    def before(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return local if self.bank is None else {**local, **self.bank.lookup(local["index"])}
+
+    def after(self, host: dict[str, jax.Array], step: int) -> None:
+        if self.bank is not None:  # writes back the previous step's embeddings; this step's stay pending
+            self.bank.stage(host, step)
+
+    def state_dict(self) -> dict[str, np.ndarray] | None:
+        return None if self.bank is None else self.bank.state_dict()
+
+
+class _TrainMetrics:
+    """Averages the step metrics between log points (one ``clu.metrics.Average`` per key, so any key name works)."""
+
+    def __init__(self):
+        self._averages: dict[str, clu.metrics.Average] = {}
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        for name, value in metrics.items():
+            update = clu.metrics.Average.from_model_output(value)
+            self._averages[name] = self._averages[name].merge(update) if name in self._averages else update
+
+    def pop(self) -> dict[str, float]:
+        values = {f"train/{k}": float(v.compute()) for k, v in self._averages.items()}
+        self._averages = {}
+        return values
+
+
+def _finish_completed(run: Run, evaluators: list[suite.Evaluator], state: TrainState, workdir: str,
+                      started: float) -> Results:
+    """A run already at ``num_steps``: re-evaluate, and complete its files if it was killed after the last save."""
+    step = int(jax.device_get(state.step))
+    print(f"Run complete ({step}/{run.config.num_steps} steps); re-evaluating the final checkpoint.", flush=True)
+    results = evaluate(run, evaluators, state.params)
+    report(results, evaluators, step, final=True)
+    if run_files.read_done(workdir) is None:
+        if not (epath.Path(workdir) / run_files.RESULTS_FILE).exists():
+            _write_results(workdir, step, results)
+        _write_done(workdir, step, run.config.num_steps, time.time() - started, {})
+    return results
+
+
+def _write_eval(writer: Any, step: int, results: Results) -> None:
+    writer.write_scalars(step, {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()})
+
+
+def train_and_evaluate(config: Any, workdir: str) -> Results:
+    """Trains (or resumes) in ``workdir`` and returns the final evaluation results."""
+    started = time.time()
+    run = build_run(config, workdir)
+    config = run.config
+    writer = writers.create_writers(workdir, just_logging=jax.process_index() != 0)
+    evaluators = suite.build_evaluators(config, run.tokenizer, sharding.batch_sharding(run.mesh))
+    data_iter = pipeline.make_train_iterator(
+        config.data, run.tokenizer, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    ckpt = checkpointing.Checkpointer(run_files.checkpoints_dir(workdir), max_to_keep=config.keep_checkpoints)
+    state = run.state
+    restored = ckpt.restore(checkpointing.abstract_like(state), data_iter)
+    if restored is not None:
+        state, _ = restored
+        message = f"Restored checkpoint at step {restored[1]} from {ckpt.directory}"
+        print(message, flush=True)
+        logging.info(message)
+    else:
+        writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+    step = int(jax.device_get(state.step))
+    last = config.num_steps
+    end = last if config.stop_at_step <= 0 else min(last, config.stop_at_step)
+    if step >= last:
+        try:
+            return _finish_completed(run, evaluators, state, workdir, started)
+        finally:
+            ckpt.close()
+
+    memory = _MemoryHook(config, ckpt, step if restored is not None else None)
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    progress = writers.ProgressReporter(last, writer, every_secs=30)
+    stop_flag = _StopFlag()
+    train_metrics = _TrainMetrics()
+    results: Results = {}
+    last_train: dict[str, float] = {}
+    try:
+        stopping = False
+        while step < end and not stopping:
+            batch = pipeline.to_global_batch(memory.before(next(data_iter)), batch_sharding)
+            state, metrics, host = run.train_step(state, batch)
+            memory.after(host, step)
+            step += 1
+            train_metrics.add(metrics)
+            progress(step, examples=config.batch_size)
+            if step % config.log_every == 0 or step == end:
+                _check_finite(state, ckpt)
+                last_train = train_metrics.pop()
+                writer.write_scalars(step, last_train)
+                data_metrics = pipeline.data_metrics()  # data/skipped/<reason>, data/caption_noise/*, ...
+                if data_metrics:
+                    writer.write_scalars(step, data_metrics)
+            due = [ev for ev in evaluators if ev.every > 0 and ev.due(step, last) and step != last]
+            if due:
+                with progress.timed("eval"):
+                    partial = evaluate(run, due, state.params)
+                _write_eval(writer, step, partial)
+                report(partial, due, step)
+            stopping = stop_flag.agreed(step, config.log_every)
+            if step % config.checkpoint_every == 0 or step == end or stopping:
+                _check_finite(state, ckpt)
+                with progress.timed("checkpoint"):
+                    ckpt.save(step, state, data_iter, force=True, memory=memory.state_dict())
+        if step >= last:
+            with progress.timed("eval"):
+                results = evaluate(run, evaluators, state.params)
+            _write_eval(writer, step, results)
+            report(results, evaluators, step, final=True)
+            _write_results(workdir, step, results)
+            ckpt.wait()  # done.json only once the final checkpoint is committed
+            _write_done(workdir, step, last, time.time() - started, last_train)
+    finally:
+        stop_flag.restore()
+        data_iter.close()  # stops Grain worker processes, if any
+        ckpt.close()
+        writer.flush()
+    return results
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
