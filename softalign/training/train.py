@@ -35,6 +35,7 @@ from softalign.training.optim import make_optimizer
 from softalign.training.step import (
     StepFn,
     TrainState,
+    all_finite,
     build_train_step,
     create_state,
     jit_train_step,
@@ -159,12 +160,18 @@ class _StopFlag:
             signal.signal(sig, previous)
 
 
-def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
+def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer, step: int) -> None:
+    """Stops the run before anything non-finite is logged as good or saved."""
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
         raise NonFiniteLossError(
-            f"loss, gradient or updated parameters became non-finite at step {bad}; that update was skipped and "
-            f"training stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept.")
+            f"loss or gradient became non-finite at step {bad}; that update was skipped and training stopped. "
+            f"The last good checkpoint (step {ckpt.latest_step()}) is kept.")
+    if not bool(all_finite((state.params, state.opt_state))):  # e.g. an update that overflowed float32
+        raise NonFiniteLossError(
+            f"parameters or optimizer state became non-finite by step {step} (the loss and gradient were finite: "
+            f"is the learning rate too large?); training stopped before saving them. The last good checkpoint "
+            f"(step {ckpt.latest_step()}) is kept.")
 
 
 class _MemoryHook:
@@ -278,7 +285,7 @@ def train_and_evaluate(config: Any, workdir: str) -> Results:
             train_metrics.add(metrics)
             progress(step, examples=config.batch_size)
             if step % config.log_every == 0 or step == end:
-                _check_finite(state, ckpt)
+                _check_finite(state, ckpt, step)
                 last_train = train_metrics.pop()
                 writer.write_scalars(step, last_train)
                 data_metrics = pipeline.data_metrics()  # data/skipped/<reason>, data/caption_noise/*, ...
@@ -292,7 +299,7 @@ def train_and_evaluate(config: Any, workdir: str) -> Results:
                 report(partial, due, step)
             stopping = stop_flag.agreed(step, config.log_every)
             if step % config.checkpoint_every == 0 or step == end or stopping:
-                _check_finite(state, ckpt)
+                _check_finite(state, ckpt, step)
                 with progress.timed("checkpoint"):
                     ckpt.save(step, state, data_iter, force=True, memory=memory.state_dict())
         if step >= last:

@@ -1,4 +1,5 @@
-"""TensorFlow-free metric writers (CLU's MetricWriter interface, by duck typing) and a progress reporter.
+"""TensorFlow-free metric writers (the parts of CLU's MetricWriter interface softalign uses: scalars, images,
+texts, raw summaries and hparams, by duck typing) and a progress reporter.
 
 clu.metric_writers and clu.periodic_actions import TensorFlow; these use tensorboardX and absl logging instead.
 """
@@ -78,22 +79,9 @@ class TensorBoardWriter:
             arr = arr[None] if arr.ndim == 3 else arr
             self._writer.add_images(key, arr, global_step=int(step), dataformats="NHWC")
 
-    def write_videos(self, step: int, videos: Mapping[str, Array]):
-        logging.log_first_n(logging.WARNING, "TensorBoardWriter does not write videos (%s).", 1, list(videos))
-
-    def write_audios(self, step: int, audios: Mapping[str, Array], *, sample_rate: int):
-        logging.log_first_n(logging.WARNING, "TensorBoardWriter does not write audio (%s).", 1, list(audios))
-
     def write_texts(self, step: int, texts: Mapping[str, str]):
         for key, value in texts.items():
             self._writer.add_text(key, value, global_step=int(step))
-
-    def write_histograms(self, step: int, arrays: Mapping[str, Array],
-                         num_buckets: Optional[Mapping[str, int]] = None):
-        for key, value in arrays.items():
-            bins = (num_buckets or {}).get(key, "tensorflow")
-            values = np.asarray(jax.device_get(value), dtype=np.float64).reshape(-1)
-            self._writer.add_histogram(key, values, global_step=int(step), bins=bins)
 
     def write_hparams(self, hparams: Mapping[str, Any]):
         """Hyperparameters for the HParams dashboard; non-basic values are written as strings."""
@@ -131,20 +119,8 @@ class LoggingWriter:
     def write_images(self, step: int, images: Mapping[str, Array]):
         self._log(step, [f"image {k} {np.shape(v)}" for k, v in images.items()])
 
-    def write_videos(self, step: int, videos: Mapping[str, Array]):
-        self._log(step, [f"video {k} {np.shape(v)}" for k, v in videos.items()])
-
-    def write_audios(self, step: int, audios: Mapping[str, Array], *, sample_rate: int):
-        self._log(step, [f"audio {k} {np.shape(v)} @{sample_rate}Hz" for k, v in audios.items()])
-
     def write_texts(self, step: int, texts: Mapping[str, str]):
         self._log(step, [f"{k}={v!r}" for k, v in texts.items()])
-
-    def write_histograms(self, step: int, arrays: Mapping[str, Array],
-                         num_buckets: Optional[Mapping[str, int]] = None):
-        arrs = {k: np.asarray(jax.device_get(v), dtype=np.float64) for k, v in arrays.items()}
-        self._log(step, [f"{k}: n={a.size} min={a.min():.4g} mean={a.mean():.4g} max={a.max():.4g}" if a.size
-                         else f"{k}: empty" for k, a in arrs.items()])
 
     def write_hparams(self, hparams: Mapping[str, Any]):
         self._log(None, ["hparams: " + ", ".join(f"{k}={_fmt(v) if v is not None else None}"
@@ -176,18 +152,8 @@ class MultiWriter:
     def write_images(self, step: int, images: Mapping[str, Array]):
         self._each("write_images", step, images)
 
-    def write_videos(self, step: int, videos: Mapping[str, Array]):
-        self._each("write_videos", step, videos)
-
-    def write_audios(self, step: int, audios: Mapping[str, Array], *, sample_rate: int):
-        self._each("write_audios", step, audios, sample_rate=sample_rate)
-
     def write_texts(self, step: int, texts: Mapping[str, str]):
         self._each("write_texts", step, texts)
-
-    def write_histograms(self, step: int, arrays: Mapping[str, Array],
-                         num_buckets: Optional[Mapping[str, int]] = None):
-        self._each("write_histograms", step, arrays, num_buckets)
 
     def write_hparams(self, hparams: Mapping[str, Any]):
         self._each("write_hparams", hparams)
