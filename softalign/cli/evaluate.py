@@ -9,6 +9,15 @@ writes ``WORKDIR/eval_results.json``. For example (the shared CIFAR-10 test fold
         --cifar10_dir=../shared/data/cifar10/test --flickr8k_dir=../shared/data/flickr8k
 
 Any config key can be overridden with ``--config.key=value`` as for training (e.g. ``--config.eval_batch_size=512``).
+Without ``--config`` the run's own ``WORKDIR/config.json`` (written by training) is used.
+
+Suites and several runs: ``--suite=NAME`` runs one of the named collections of `softalign.evaluation.suites`
+(instead of config.evals) and ``--workdirs=A,B,...`` evaluates each run in turn; every metric also goes to a
+results file of one JSON record per (run, step, dataset, task, metric) (``--records``, default
+``eval_records.jsonl`` in the run, or in the runs' common parent), which ``pandas.read_json(path, lines=True)``
+loads:
+
+    python -m softalign.evaluate --suite=synthetic --workdirs=/tmp/sa-demo,/tmp/sa-clip
 """
 
 from __future__ import annotations
@@ -26,7 +35,13 @@ from ml_collections import config_flags
 from softalign.cli import common
 
 flags.DEFINE_string("workdir", None, "The training run's directory (checkpoints/, tokenizer.json).")
-config_flags.DEFINE_config_file("config", None, "The run's config file (configs/*.py).", lock_config=True)
+flags.DEFINE_list("workdirs", [], "Several runs to evaluate in turn (instead of --workdir).")
+config_flags.DEFINE_config_file("config", None, "The run's config file (configs/*.py); default: each run's "
+                                "config.json.", lock_config=True)
+flags.DEFINE_string("suite", "", "A named suite of evaluators (softalign/evaluation/suites.py) instead of "
+                    "config.evals: synthetic, retrieval, zeroshot, robustness.")
+flags.DEFINE_string("records", "", "The results file of one JSON record per metric (default: eval_records.jsonl "
+                    "in the run, or in the runs' common parent directory).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 flags.DEFINE_list("only", [], "Run only these evaluators (names), e.g. --only=heldout,cifar10.")
 flags.DEFINE_bool("config_evals", True, "Run the evaluators of config.evals (--noconfig_evals: only the extra ones).")
@@ -42,7 +57,6 @@ flags.DEFINE_list("robustness", [], "ID:SHIFT pairs of evaluator names (top1 of 
                   "(WORKDIR/robustness.md, .csv, .png), e.g. --robustness=imagenet:imagenet_v2.")
 flags.DEFINE_string("output", "", "Where to write the results json (default WORKDIR/eval_results.json).")
 flags.DEFINE_bool("progress", True, "Progress bars on stderr for embedding passes.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -202,6 +216,83 @@ def _pair(text: str, evals: dict[str, Any]) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+def run_config(workdir: str, config: Any = None) -> Any:
+    """`config`, else the run's ``config.json`` laid over the schema's defaults (EvaluateError when neither)."""
+    if config is not None:
+        return config
+    from softalign import workdir as run_files
+    from softalign.config.schema import base_config
+
+    saved = run_files.read_json(os.path.join(workdir, run_files.CONFIG_FILE))
+    if not isinstance(saved, dict):
+        raise EvaluateError(f"no --config and no readable {os.path.join(workdir, run_files.CONFIG_FILE)} "
+                            "(is --workdir a training run's directory?)")
+    merged = base_config()
+    merged.update(saved)
+    return merged
+
+
+def metric_records(payload: dict[str, Any], evals: dict[str, Any], run: str, workdir: str, suite: str = ""
+                   ) -> list[dict[str, Any]]:
+    """One record per (run, step, dataset, task, metric) of an evaluation's payload."""
+    from softalign.evaluation.suites import describe
+
+    records = []
+    for name, metrics in sorted(payload["results"].items()):
+        task, dataset = describe(name, evals[name])
+        for metric, value in metrics.items():
+            records.append({"run": run, "workdir": os.path.abspath(workdir), "step": payload["step"],
+                            "suite": suite, "eval": name, "dataset": dataset, "task": task, "metric": metric,
+                            "value": float(value), "chance": payload["chance"].get(name, {}).get(metric)})
+    return records
+
+
+def write_records(path: str, records: list[dict[str, Any]]) -> None:
+    """JSON lines, staged and renamed into place."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+
+
+def evaluate_runs(workdirs: list[str], *, config: Any = None, suite: str = "", extra: Optional[dict[str, Any]] = None,
+                  suite_dirs: Optional[dict[str, Any]] = None, records_path: str = "", include_config: bool = True,
+                  robustness: Optional[list[str]] = None, only: Optional[list[str]] = None, **options: Any
+                  ) -> list[dict[str, Any]]:
+    """`evaluate_checkpoint` on each run (its own config.json unless `config`), with suite `suite` replacing
+    config.evals when given; writes and returns the metric records."""
+    import jax
+
+    from softalign.evaluation import suites
+
+    labels = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    if len(set(labels)) < len(labels):
+        labels = [os.path.abspath(w) for w in workdirs]
+    extra, robustness = dict(extra or {}), list(robustness or [])
+    if suite:
+        try:
+            suite_set = suites.suite_evals(suite, **(suite_dirs or {}))
+        except ValueError as e:
+            raise EvaluateError(str(e)) from None
+        extra, include_config = {**suite_set, **extra}, False
+        robustness = robustness or suites.robustness_pairs(suite, suite_set)
+    records: list[dict[str, Any]] = []
+    for workdir, label in zip(workdirs, labels):
+        run_cfg = run_config(workdir, config)
+        evals = select_evals(run_cfg, extra=extra, only=only, include_config=include_config)
+        payload = evaluate_checkpoint(run_cfg, workdir, extra=extra, only=only, include_config=include_config,
+                                      robustness=robustness, **options)
+        records.extend(metric_records(payload, evals, label, workdir, suite))
+    if len(workdirs) == 1:
+        default = os.path.join(workdirs[0], "eval_records.jsonl")
+    else:
+        default = os.path.join(os.path.commonpath([os.path.abspath(w) for w in workdirs]), "eval_records.jsonl")
+    path = records_path or default
+    if jax.process_index() == 0:
+        write_records(path, records)
+    print(f"Wrote {len(records)} metric records of {len(workdirs)} run(s) to {path}", flush=True)
+    return records
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -211,13 +302,22 @@ def main(argv: list[str]) -> None:
 
     common.setup_logging()
     try:
+        workdirs = list(FLAGS.workdirs) or ([FLAGS.workdir] if FLAGS.workdir else [])
+        if not workdirs:
+            raise EvaluateError("give --workdir (one run) or --workdirs (several)")
+        if FLAGS.output and len(workdirs) > 1:
+            raise EvaluateError("--output names one results file: use it with a single run")
         extra = json.loads(FLAGS.evals) if FLAGS.evals else {}
         if not isinstance(extra, dict):
             raise EvaluateError("--evals must be a JSON object {name: {kind: ..., ...}}")
-        extra.update(shortcut_evals(FLAGS.cifar10_dir, FLAGS.flickr8k_dir, FLAGS.flickr8k_split, FLAGS.max_examples))
-        evaluate_checkpoint(FLAGS.config, FLAGS.workdir, step=FLAGS.step, extra=extra, only=FLAGS.only,
-                            include_config=FLAGS.config_evals, progress=FLAGS.progress, output=FLAGS.output,
-                            robustness=FLAGS.robustness)
+        dirs = dict(cifar10_dir=FLAGS.cifar10_dir, flickr8k_dir=FLAGS.flickr8k_dir, max_examples=FLAGS.max_examples)
+        if not FLAGS.suite:
+            extra.update(shortcut_evals(FLAGS.cifar10_dir, FLAGS.flickr8k_dir, FLAGS.flickr8k_split,
+                                        FLAGS.max_examples))
+        evaluate_runs(workdirs, config=FLAGS.config, suite=FLAGS.suite, extra=extra, suite_dirs=dirs,
+                      records_path=FLAGS.records, step=FLAGS.step, only=FLAGS.only,
+                      include_config=FLAGS.config_evals, progress=FLAGS.progress, output=FLAGS.output,
+                      robustness=FLAGS.robustness)
     except json.JSONDecodeError as e:
         print(f"softalign: --evals is not valid JSON: {e}", file=sys.stderr)
         sys.exit(2)
@@ -229,10 +329,6 @@ def main(argv: list[str]) -> None:
 def run() -> None:
     """The ``softalign-evaluate`` console script."""
     app.run(main, flags_parser=common.parse_flags)
-
-
-
-
 
 
 if __name__ == "__main__":

@@ -25,26 +25,39 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from softalign.training import signals  # light: installed before JAX is imported or the tokenizer trains
+
+    stop_flag = signals.StopFlag()
+    try:
+        _train(stop_flag)
+    finally:
+        stop_flag.restore()
+
+
+def _train(stop_flag) -> None:
+    """Trains; each expected failure ends in one line on stderr: 2 config, 3 non-finite, 4 checkpoint save."""
+    common.setup_logging()  # before the imports: their libraries' start-up chatter is filtered too
+    common.quiet_async_write_noise()
     from softalign.config.errors import ConfigError  # after flag parsing: keeps --help fast
     from softalign.parallel import distributed
-    from softalign.training import train
+    from softalign.training import checkpointing, train
 
     distributed.initialize(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
-    common.setup_logging()
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_flag)
     except ConfigError as e:
         print(f"softalign: config error: {e}", file=sys.stderr)
         sys.exit(2)
     except train.NonFiniteLossError as e:
         print(f"softalign: {e}", file=sys.stderr)
         sys.exit(3)
+    except checkpointing.CheckpointSaveError as e:
+        print(f"softalign: {e}", file=sys.stderr, flush=True)
+        common.exit_now(4)  # pending background writes must not print their tracebacks during shutdown
 
 
 def run() -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any, Callable
 
 import ml_collections
 
 from softalign.config.errors import ConfigError
+from softalign.data.registry import resolve_split, shard_paths
 from softalign.data.sources import available_sources
 from softalign.data.subset import subset_size
+from softalign.data.tokenizer import Tokenizer
 from softalign.models.clip import validate_model_config
 from softalign.objectives import registry, soft_targets
 from softalign.objectives.base import ObjectiveContext
@@ -34,26 +37,120 @@ def _check_batch(config: Any, key: str, num_data_shards: int) -> None:
              f"{key}={value} must be a positive multiple of the {num_data_shards} data-parallel devices")
 
 
-def validate_eval(config: Any, *, num_devices: int) -> None:
+def _check_devices(config: Any, available: int | None) -> None:
+    """``num_devices`` (<= 0: all) must not ask for more devices than JAX sees."""
+    if available is not None and config.num_devices > available:
+        raise ConfigError(f"num_devices={config.num_devices} but only {available} device"
+                          f"{'s are' if available != 1 else ' is'} visible (jax.device_count()); "
+                          "use num_devices=-1 for all of them")
+
+
+def validate_eval(config: Any, *, num_devices: int, available_devices: int | None = None) -> None:
     """The checks standalone evaluation needs (its batch is split over ``num_devices``)."""
+    _check_devices(config, available_devices)
     _check_batch(config, "eval_batch_size", num_devices)
 
 
-def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -> None:
-    """Raises ``ConfigError`` for values that cannot work on ``num_data_shards`` devices."""
-    if workdir is not None and "://" not in workdir:  # remote (gs://) workdirs are created by the run
-        parent = os.path.dirname(os.path.abspath(workdir)) or "/"
-        _require(os.path.isdir(parent), f"--workdir={workdir}: parent directory {parent} does not exist")
+def _check_workdir(workdir: str) -> None:
+    """The workdir is a directory (or can be made one) that this process can write."""
+    if "://" in workdir:  # remote (gs://) workdirs are created by the run
+        return
+    path = os.path.abspath(workdir)
+    _require(not os.path.exists(path) or os.path.isdir(path), f"--workdir={workdir} is a file, not a directory")
+    existing = path if os.path.isdir(path) else os.path.dirname(path) or "/"
+    _require(os.path.isdir(existing), f"--workdir={workdir}: parent directory {existing} does not exist")
+    _require(os.access(existing, os.W_OK | os.X_OK),
+             f"--workdir={workdir}: {existing} is not writable (read-only file system or no permission)")
+    for name in ("checkpoints", "tokenizer.json", "eval_results.json", "done.json"):
+        inner = os.path.join(path, name)  # e.g. a read-only checkpoints/ inside a writable workdir
+        _require(not os.path.exists(inner) or os.access(inner, os.W_OK),
+                 f"--workdir={workdir}: {inner} is not writable")
+
+
+def _check_tokenizer(config: Any) -> None:
+    """A given tokenizer.path must be a tokenizer.json the tokenizers library reads; a trained one needs room for
+    the byte alphabet."""
+    tok = config.tokenizer.path
+    if not tok:
+        _require(config.tokenizer.vocab_size >= 259 and config.tokenizer.num_captions > 0,
+                 f"tokenizer.vocab_size={config.tokenizer.vocab_size} must be >= 259 (a byte-level BPE) and "
+                 f"tokenizer.num_captions={config.tokenizer.num_captions} positive")
+        return
+    if "://" in tok:
+        return
+    _require(os.path.exists(tok), f"tokenizer.path={tok} does not exist")
+    _require(not os.path.isdir(tok), f"tokenizer.path={tok} is a directory: point it at a tokenizer.json file")
+    try:
+        Tokenizer.from_file(tok, max(2, config.model.text.context_length))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"tokenizer.path={tok} is not a tokenizer.json the tokenizers library can read "
+                          f"({detail})") from None
+
+
+def _check_data_path(config: Any) -> None:
+    """The local files of a file-based source exist (resolved as the source will resolve them)."""
+    data, source = config.data, config.data.source
+    path = str(data.get("path", "") or "")
+    if not path or "://" in path:
+        return
+    split = resolve_split(data, "train")
+    extension = {"webdataset": ".tar", "arrayrecord": ".array_record"}.get(source)
+    if extension:
+        try:
+            shard_paths(path, split, extension, train=True)
+        except ValueError as e:
+            raise ConfigError(f"data.path={path} (data.source={source!r}): {e}") from None
+    elif source == "folder":
+        _require(os.path.isdir(os.path.expanduser(path)), f"data.path={path} is not a folder (data.source='folder')")
+    elif source == "tfds" and not any(ch in path for ch in "*?["):
+        _require(os.path.isdir(os.path.expanduser(path)) or bool(glob.glob(path)),
+                 f"data.path={path} (the TFDS data_dir) does not exist")
+
+
+def _check_model(model: Any) -> None:
+    """Sizes that must be positive, before anything divides by them."""
+    v, t = model.vision, model.text
+    for key, value in (("vision.image_size", v.image_size), ("vision.patch_size", v.patch_size),
+                       ("vision.width", v.width), ("vision.depth", v.depth), ("vision.num_heads", v.num_heads),
+                       ("text.width", t.width), ("text.depth", t.depth), ("text.num_heads", t.num_heads),
+                       ("embed_dim", model.embed_dim)):
+        _require(isinstance(value, int) and value >= 1, f"model.{key}={value} must be a positive integer")
+    _require(t.context_length >= 2, f"model.text.context_length={t.context_length} must be >= 2 "
+                                    "(start and end of text)")
+
+
+def _check_loop(config: Any) -> None:
+    """The loop's periods and the checkpoints it keeps."""
+    for key in ("log_every", "checkpoint_every"):
+        _require(config[key] >= 1, f"{key}={config[key]} must be >= 1 (steps between "
+                                   f"{'train-metric logs' if key == 'log_every' else 'checkpoints'})")
+    _require(config.keep_checkpoints >= 1,
+             f"keep_checkpoints={config.keep_checkpoints} must be >= 1: with none kept a rerun could not resume")
+    for name, spec in config.evals.items():
+        every = spec.get("every", 0) if hasattr(spec, "get") else 0
+        _require(every is None or every >= 0, f"evals.{name}.every={every} must be >= 0 (0: only at the end)")
+
+
+def validate(config: Any, *, num_data_shards: int, workdir: str | None = None,
+             available_devices: int | None = None) -> None:
+    """Raises ``ConfigError`` for values that cannot work on ``num_data_shards`` devices (of ``available_devices``
+    that JAX sees), a ``workdir`` this process cannot use, and missing or unreadable input files."""
+    _check_devices(config, available_devices)
+    if workdir is not None:
+        _check_workdir(workdir)
     _require(config.num_steps > 0, f"num_steps must be positive, got {config.num_steps}")
     for key in ("batch_size", "eval_batch_size"):
         _check_batch(config, key, num_data_shards)
+    _check_loop(config)
+    _check_model(config.model)
     model = config.model
     if model.text.vocab_size <= 0 or model.text.eot_id < 0:  # filled in from the tokenizer later
         model = ml_collections.ConfigDict(model.to_dict())
         model.text.vocab_size, model.text.eot_id = max(model.text.vocab_size, 2), 1
     try:
         validate_model_config(model)
-    except ValueError as e:
+    except (ValueError, ArithmeticError) as e:
         raise ConfigError(f"model: {e}") from None
     _require(config.model.vision.image_size == config.data.image_size,
              f"model.vision.image_size={config.model.vision.image_size} must equal "
@@ -70,8 +167,8 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     source = config.data.source
     _require(source in ("synthetic", "tfds") or bool(config.data.get("path", "")),
              f"data.path is required for data.source={source!r}: point it at the dataset's files")
-    tok = config.tokenizer.path
-    _require(not tok or "://" in tok or os.path.exists(tok), f"tokenizer.path={tok} does not exist")
+    _check_data_path(config)
+    _check_tokenizer(config)
     p = config.psd
     teacher = _constructed(lambda: registry.make_teacher(p))
     _require(not teacher.needs_truth or config.data.source == "synthetic",
@@ -82,9 +179,8 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None) -
     ramp_end = p.ramp_end if p.ramp_end >= 0 else config.num_steps
     _constructed(lambda: soft_targets.alpha_schedule(p.alpha_max, p.ramp, p.ramp_start, ramp_end))
     _require(0.0 <= p.alpha_max <= 1.0, f"psd.alpha_max={p.alpha_max} must be in [0, 1]")
-    groups = p.subset_groups or num_data_shards
-    _require(groups % num_data_shards == 0,
-             f"psd.subset_groups={groups} must be a multiple of the {num_data_shards} data shards")
+    _require(p.subset_groups >= 0, f"psd.subset_groups={p.subset_groups} must be >= 0 (0: the default strata)")
+    groups = soft_targets.resolve_groups(p.subset_groups, config.batch_size)  # any mesh: S does not depend on it
     _constructed(lambda: soft_targets.subset_layout(config.batch_size, p.subset_fraction, groups))
     objective = _constructed(lambda: registry.make_objective(ObjectiveContext(config, None, config.batch_size)))
     _require(objective.supports_soft_targets or p.alpha_max == 0,

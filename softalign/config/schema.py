@@ -55,6 +55,22 @@ def base_config() -> ml_collections.ConfigDict:
     # infonce, synthetic source only: every pair the ground truth says is true is a positive (uniform hard target
     # over them) instead of the batch's own pair alone: "knowing the false negatives", without soft targets.
     c.objective.multi_positive = False
+    # protoclip (docs/method.md): InfoNCE + proto_weight x the prototype loss. num_prototypes k-means clusters of the
+    # memory bank (needs psd.teacher='memory'; a multiple of the data shards), re-clustered every episode_steps;
+    # proto_temperature divides the teacher's centroid similarities (ProtoCLIP's 0.01); proto_scale_init: the
+    # initial value of its own learnable logit scale s_p (params["objective"]["proto_logit_scale"] = log s_p).
+    c.objective.num_prototypes = 64
+    c.objective.episode_steps = 100
+    c.objective.proto_weight = 1.0
+    c.objective.proto_temperature = 0.01
+    c.objective.proto_scale_init = 1.0 / 0.07
+    # objective.name='distill': TinyCLIP's affinity mimicking from a frozen teacher (softalign/objectives/distill.py).
+    # teacher: a finished run's workdir or an open_clip/OpenAI weight file; teacher_config: a preset name for it
+    # (empty: its config.json, or inferred from the weights); alpha: TinyCLIP's distillation_alpha, the soft term's
+    # weight (1: pure mimicking; 1 - alpha goes to InfoNCE); temperature divides the teacher logits; inherit: start
+    # from the teacher's (or inherit_from's) weights cut to the student's size (softalign/models/inherit.py).
+    c.distill = ml_collections.ConfigDict(dict(teacher="", teacher_config="", alpha=1.0, temperature=1.0,
+                                               inherit=False, inherit_from="", inherit_config=""))
 
     # PSD (docs/method.md). alpha_max=0 is plain CLIP InfoNCE. Defaults per the Flickr8k study (docs/results.md): the
     # EMA teacher was the best teacher at 50% caption noise (ahead of CLIP on i2t R@5 in 3 of 3 seeds, by ~1
@@ -101,4 +117,8 @@ def demo_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.log_every = 50
     c.checkpoint_every = 100
+    # The synthetic scenes' exact ground truth (softalign/evaluation/ground_truth.py; synthetic source only):
+    # many-to-many retrieval and the compositional probe, about 7 s and 6 s at the end of the run on 2 CPU cores.
+    c.evals.truth = dict(kind="multi_positive_retrieval", split="heldout", every=0)
+    c.evals.probe = dict(kind="compositional_probe", split="heldout", num_examples=500, every=0)
     return c

@@ -339,7 +339,7 @@ class SyntheticScenes:
         return self._scene_and_caption(index if partner is None else partner)[1]
 
     def captions_of(self, index: int) -> list[str]:
-        """``[caption(index)]``: what `noise.captions_of` reads (tokenizer fits, caption statistics) without rendering."""
+        """``[caption(index)]``: what `noise.captions_of` reads (tokenizer fits, caption counts), without rendering."""
         return [self.caption(index)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -105,8 +105,15 @@ def every_of(options: dict[str, Any]) -> int:
     return int(options.get("every") or 0)
 
 
-def with_skipped(metrics: dict[str, float], images: ImageSet) -> dict[str, float]:
-    """Adds ``skipped_images`` when some images could not be read (so the count shows up next to the scores)."""
+def with_skipped(metrics: dict[str, float], images: ImageSet,
+                 counts: Optional[dict[str, int]] = None) -> dict[str, float]:
+    """Adds what was left out, so it shows next to the scores (and in ``eval_results.json``): ``skipped_images``
+    and, named as training names them, ``skipped/<reason>`` per left-out image or record and
+    ``dropped_caption/<reason>`` per unusable caption of a kept one (``counts``: those found before the images)."""
     if images.skipped:
         metrics["skipped_images"] = float(images.skipped)
+    total: dict[str, int] = dict(counts or {})
+    for key, n in images.skip_counts().items():
+        total[key] = total.get(key, 0) + n
+    metrics.update({key: float(n) for key, n in sorted(total.items()) if n})
     return metrics

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from softalign.config.errors import ConfigError
+from softalign.data import decode, skips
 from softalign.data.pipeline import CLIP_MEAN, CLIP_STD
 from softalign.evaluation.images import DEFAULT_CACHE_BYTES, ImageSet
 
@@ -57,6 +58,9 @@ class CaptionData:
     images: ImageSet
     captions: list[str]
     text_to_image: np.ndarray
+    # ``dropped_caption/<reason>`` of the kept images' unusable captions, and ``skipped/<reason>`` of images left out
+    # before the image set was built (a CSV row's image whose captions are all unusable); `images` counts the rest.
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def keep_images(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For images `kept` (ordered indices into `images`): (the caption indices that belong to them,
@@ -66,6 +70,32 @@ class CaptionData:
         mapped = position[self.text_to_image]
         captions = np.flatnonzero(mapped >= 0)
         return captions, mapped[captions]
+
+
+def caption_values(value: Any) -> list[Any]:
+    """A record's raw caption value(s) as a list: one str/bytes, a list, or an array of them (TFDS)."""
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray):
+        return list(value.reshape(-1)) if value.ndim else [value.item()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def usable_captions(value: Any) -> tuple[list[str], dict[str, int]]:
+    """The usable captions (stripped) and ``{'dropped_caption/<reason>': n}`` of the rest, checked exactly as the
+    training pipeline checks them (empty, whitespace-only, not UTF-8: `softalign.data.decode.check_caption`).
+    Raises ``skips.BadRecord`` (its ``reason``) when none is usable."""
+    values = caption_values(value)
+    if not values:
+        raise skips.BadRecord(skips.MISSING_CAPTION)
+    return decode.check_captions(values)
+
+
+def add_counts(target: dict[str, int], counts: dict[str, int]) -> dict[str, int]:
+    """Adds ``counts`` into ``target`` (returned)."""
+    return skips.merge_into(target, counts)
 
 
 def as_dict(spec: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from softalign.config.errors import ConfigError
-from softalign.data import synthetic
+from softalign.data import skips, synthetic
 from softalign.data.sources import build_source
 from softalign.evaluation.dataset_base import (  # noqa: F401  (re-exported)
     _CLASS_KEYS,
@@ -47,11 +47,13 @@ from softalign.evaluation.dataset_base import (  # noqa: F401  (re-exported)
     _image_set,
     _require_path,
     _subset,
+    add_counts,
     as_dict,
     check_keys,
     clean_classname,
+    usable_captions,
 )
-from softalign.evaluation.tfds_eval import _texts, _tfds
+from softalign.evaluation.tfds_eval import _tfds
 
 
 def _folder(spec: dict[str, Any], ctx: ImageContext, where: str) -> ClassificationData:
@@ -79,33 +81,61 @@ def _folder(spec: dict[str, Any], ctx: ImageContext, where: str) -> Classificati
 # ----------------------------------------------------------------------------- captions (CSV / COCO json)
 
 
-def _read_captions_csv(path: str) -> dict[str, list[str]]:
-    """CSV with a header naming ``image`` and ``caption`` columns (quoted fields allowed) -> {image: [captions]}."""
+Captions = tuple[dict[str, list[str]], dict[str, dict[str, int]], dict[str, str]]
+
+
+def _by_image(pairs: Sequence[tuple[str, Any]]) -> Captions:
+    """(image, raw caption) pairs -> ({image: [usable captions]}, {image: its dropped_caption counts}, {image: skip
+    reason} of the images none of whose captions is usable), checked as training checks captions."""
+    raw: dict[str, list[Any]] = {}
+    for image, caption in pairs:
+        raw.setdefault(image, []).append(caption)
     out: dict[str, list[str]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    dropped: dict[str, dict[str, int]] = {}
+    failed: dict[str, str] = {}
+    for image, values in raw.items():
+        try:
+            out[image], dropped[image] = usable_captions(values)
+        except skips.BadRecord as e:
+            failed[image] = e.reason
+    return out, dropped, failed
+
+
+def _read_captions_csv(path: str) -> Captions:
+    """CSV with a header naming ``image`` and ``caption`` columns (quoted fields allowed) -> `_by_image` of its
+    rows. Bytes that are not UTF-8 are kept (surrogate-escaped), so that caption is dropped, not the file."""
+    pairs = []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "image" not in fields or "caption" not in fields:
             raise ConfigError(f"{path}: expected a header with 'image' and 'caption' columns, got {reader.fieldnames}")
         reader.fieldnames = fields
         for row in reader:
-            image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
-            if image and caption:
-                out.setdefault(image, []).append(caption)
-    return out
+            image = (row.get("image") or "").strip()
+            if image:
+                pairs.append((image, row.get("caption") or ""))
+    return _by_image(pairs)
 
 
 def _caption_data(name: str, ctx: ImageContext, spec: dict[str, Any], image_dir: str, order: Sequence[str],
-                  captions: dict[str, list[str]]) -> CaptionData:
+                  read: Captions) -> CaptionData:
+    """The images of ``order`` that have usable captions (a seeded subset with ``max_examples``); those whose
+    captions are all unusable are counted as ``skipped/<reason>``, the others' bad captions as dropped."""
+    captions, dropped, failed = read
     keep = _subset(len(order), spec)
-    files = [order[i] for i in keep]
+    chosen = [order[i] for i in keep]
+    counts: dict[str, int] = {}
+    for f in chosen:
+        add_counts(counts, {f"{skips.SKIPPED}/{failed[f]}": 1} if f in failed else dropped.get(f, {}))
+    files = [f for f in chosen if f in captions]
     texts, owner = [], []
     for i, f in enumerate(files):
         texts.extend(captions[f])
         owner.extend([i] * len(captions[f]))
     paths = [os.path.join(image_dir, f) for f in files]
     images = _image_set(ctx, spec, name, len(paths), paths.__getitem__, paths.__getitem__)
-    return CaptionData(name, images, texts, np.asarray(owner, np.int64))
+    return CaptionData(name, images, texts, np.asarray(owner, np.int64), counts)
 
 
 def _captions(spec: dict[str, Any], ctx: ImageContext, where: str) -> CaptionData:
@@ -118,9 +148,10 @@ def _captions(spec: dict[str, Any], ctx: ImageContext, where: str) -> CaptionDat
         found = [p for p in (os.path.join(root, "captions.txt"), os.path.join(root, "captions.csv"))
                  if os.path.isfile(p)]
         csv_path = found[0] if found else os.path.join(root, "captions.txt")
-    captions = _read_captions_csv(_require_path(where, "captions", csv_path, directory=False))
+    read = _read_captions_csv(_require_path(where, "captions", csv_path, directory=False))
+    captions, _, failed = read
     split = spec.get("split") or ""
-    order = sorted(captions)
+    order = sorted(set(captions) | set(failed))
     if split:
         splits_path = spec.get("splits") or os.path.join(root, "splits.json")
         with open(_require_path(where, "splits", splits_path, directory=False), encoding="utf-8") as f:
@@ -128,33 +159,33 @@ def _captions(spec: dict[str, Any], ctx: ImageContext, where: str) -> CaptionDat
         if split not in splits:
             raise ConfigError(f"{where}.split={split!r} is not in {splits_path} (has {sorted(splits)})")
         order = list(splits[split])
-    missing = [f for f in order if f not in captions]
+    missing = [f for f in order if f not in captions and f not in failed]
     if missing:
         logging.warning("%s: %d image(s) of split %r have no caption in %s and are left out (e.g. %s)",
                         where, len(missing), split, csv_path, missing[0])
-        order = [f for f in order if f in captions]
-    if not order:
+        order = [f for f in order if f in captions or f in failed]
+    if not any(f in captions for f in order):
         raise ConfigError(f"{where}: no captioned images")
     name = spec.get("name") or (_default_name(root or image_dir) + (f"-{split}" if split else ""))
-    return _caption_data(name, ctx, spec, image_dir, order, captions)
+    return _caption_data(name, ctx, spec, image_dir, order, read)
 
 
 def _coco(spec: dict[str, Any], ctx: ImageContext, where: str) -> CaptionData:
     check_keys(where, spec, _COMMON_KEYS + ("images", "annotations"))
     image_dir = _require_path(where, "images", spec.get("images", ""), directory=True)
     with open(_require_path(where, "annotations", spec.get("annotations", ""), directory=False),
-              encoding="utf-8") as f:
+              encoding="utf-8", errors="surrogateescape") as f:
         coco = json.load(f)
     files = {img["id"]: img["file_name"] for img in coco.get("images", [])}
-    captions: dict[str, list[str]] = {}
-    for ann in coco.get("annotations", []):
-        if ann.get("image_id") in files and str(ann.get("caption", "")).strip():
-            captions.setdefault(files[ann["image_id"]], []).append(str(ann["caption"]).strip())
-    order = [files[i] for i in sorted(files) if files[i] in captions]
-    if not order:
+    pairs = [(files[ann["image_id"]], ann.get("caption")) for ann in coco.get("annotations", [])
+             if ann.get("image_id") in files]
+    read = _by_image(pairs)
+    captions, _, failed = read
+    order = [files[i] for i in sorted(files) if files[i] in captions or files[i] in failed]
+    if not any(f in captions for f in order):
         raise ConfigError(f"{where}.annotations: no image has a caption")
     name = spec.get("name") or os.path.splitext(os.path.basename(spec["annotations"]))[0]
-    return _caption_data(name, ctx, spec, image_dir, order, captions)
+    return _caption_data(name, ctx, spec, image_dir, order, read)
 
 
 def _synthetic(spec: dict[str, Any], ctx: ImageContext, where: str, task: str) -> Any:
@@ -207,16 +238,17 @@ def _from_records(source: Any, spec: dict[str, Any], ctx: ImageContext, where: s
     for i in keep:
         try:
             record = source[int(i)]
-            if record.get("_skip"):
-                raise ValueError(str(record["_skip"]))
+            if record.get("_skip"):  # the source already knows why (e.g. a corrupt record)
+                errors[len(records)] = (f"skipped: {record['_skip']}", str(record["_skip"]))
+                record = None
         except Exception as e:  # noqa: BLE001 - an unreadable record is skipped like a corrupt image.
-            errors[len(records)] = f"{type(e).__name__}: {e}"
+            errors[len(records)] = (f"{type(e).__name__}: {e}", skips.CORRUPT_RECORD)
             record = None
         records.append(record)
     images = _image_set(ctx, spec, name, len(records), lambda i: records[i]["image"],
                         lambda i: f"{name}[{int(keep[i])}]")
-    for i, error in errors.items():
-        images.mark_unreadable(i, error)
+    for i, (error, reason) in errors.items():
+        images.mark_unreadable(i, error, reason)
     if task == "classification":
         try:
             found = synthetic.attribute_classnames(attribute)
@@ -227,15 +259,20 @@ def _from_records(source: Any, spec: dict[str, Any], ctx: ImageContext, where: s
             raise ConfigError(f"{where}: records have no {attribute!r} label")
         labels = np.asarray([-1 if r is None else r["labels"][attribute] for r in records], np.int32)
         return ClassificationData(name, images, labels, _classnames(where, spec, found))
-    texts, owner = [], []
+    texts, owner, counts = [], [], {}
     for i, r in enumerate(records):
-        caps = [] if r is None else (r.get("captions") or ([r["caption"]] if r.get("caption") else []))
-        caps = _texts(caps) if len(caps) else []
-        if r is not None and not caps:
-            images.mark_unreadable(i, "no captions")
+        if r is None:
+            continue
+        raw = r["captions"] if r.get("captions") is not None else r.get("caption")
+        try:
+            caps, dropped = usable_captions(raw)  # as training: empty, whitespace-only, not UTF-8 are left out
+        except skips.BadRecord as e:
+            images.mark_unreadable(i, f"no usable caption ({e.reason})", e.reason)
+            continue
+        add_counts(counts, dropped)
         texts.extend(caps)
         owner.extend([i] * len(caps))
-    return CaptionData(name, images, texts, np.asarray(owner, np.int64))
+    return CaptionData(name, images, texts, np.asarray(owner, np.int64), counts)
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -16,12 +16,29 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from softalign.data import skips
 from softalign.data.pipeline import CLIP_MEAN, CLIP_STD, normalize_images, resize_center
 from softalign.evaluation.embedding import embed_batches
 
 DEFAULT_CACHE_BYTES = 2 << 30  # Decoded uint8 images kept in memory per set, at most.
+
+
+def skip_reason(error: BaseException) -> str:
+    """The training pipeline's skip reason (``softalign.data.skips``) for an image that failed to read or decode."""
+    if isinstance(error, skips.BadRecord):
+        return error.reason
+    if isinstance(error, FileNotFoundError):
+        return skips.MISSING_IMAGE
+    if isinstance(error, Image.DecompressionBombError):
+        return skips.DECOMPRESSION_BOMB
+    if isinstance(error, UnidentifiedImageError):
+        return skips.NOT_AN_IMAGE
+    message = str(error).lower()
+    if isinstance(error, EOFError) or "truncated" in message or "premature" in message:
+        return skips.TRUNCATED_IMAGE
+    return skips.BAD_IMAGE
 
 
 def to_rgb_array(raw: Any) -> np.ndarray:
@@ -30,6 +47,8 @@ def to_rgb_array(raw: Any) -> np.ndarray:
         with open(raw, "rb") as f:
             raw = f.read()
     if isinstance(raw, (bytes, bytearray, memoryview)):
+        if len(raw) == 0:
+            raise skips.BadRecord(skips.EMPTY_IMAGE)
         with Image.open(io.BytesIO(bytes(raw))) as pil:
             pil.load()  # Decodes fully now, so a truncated file fails here.
             return np.asarray(pil.convert("RGB"))
@@ -54,7 +73,7 @@ class ImageSet:
 
     ``read(i)`` returns anything `to_rgb_array` accepts; ``describe(i)`` names image i in warnings (e.g. its path).
     `batches` yields normalised float32 batches of readable images with their indices; `skipped` counts the
-    unreadable ones found so far (all of them once a full pass, or `load_all`, is done).
+    unreadable ones found so far (all of them once a full pass, or `load_all`, is done), `skip_counts` by reason.
     """
 
     def __init__(self, num: int, read: Callable[[int], Any], *, image_size: int,
@@ -72,6 +91,7 @@ class ImageSet:
         self._cache = np.zeros((self.num, self.image_size, self.image_size, 3), np.uint8) if fits else None
         self._state = np.zeros(self.num, np.int8)  # 0: not seen, 1: decoded (cached if caching), -1: unreadable.
         self.errors: dict[int, str] = {}
+        self.reasons: dict[int, str] = {}  # why image i was left out, as the training pipeline names it
         self._warned = 0
 
     def __len__(self) -> int:
@@ -87,9 +107,18 @@ class ImageSet:
         """Whether every image has been tried once (so `skipped` is final)."""
         return bool(np.all(self._state != 0))
 
-    def mark_unreadable(self, i: int, error: str) -> None:
+    def mark_unreadable(self, i: int, error: str, reason: str = skips.BAD_IMAGE) -> None:
+        """Leaves image i out; ``reason`` is its ``skipped/<reason>`` (e.g. a record whose captions are all bad)."""
         self._state[i] = -1
         self.errors[i] = error
+        self.reasons[i] = reason
+
+    def skip_counts(self) -> dict[str, int]:
+        """``{'skipped/<reason>': n}`` of the images left out so far."""
+        counts: dict[str, int] = {}
+        for reason in self.reasons.values():
+            counts[f"{skips.SKIPPED}/{reason}"] = counts.get(f"{skips.SKIPPED}/{reason}", 0) + 1
+        return counts
 
     def offer(self, i: int, raw: Any) -> None:
         """Caches image i from `raw` read elsewhere (e.g. a record read for its label); no-op without a cache."""
@@ -100,7 +129,7 @@ class ImageSet:
         try:
             return resize_center(to_rgb_array(raw), self.image_size)
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this image", never a crash.
-            self.mark_unreadable(i, f"{type(e).__name__}: {e}")
+            self.mark_unreadable(i, f"{type(e).__name__}: {e}", skip_reason(e))
             return None
 
     def _load(self, i: int) -> Optional[np.ndarray]:
@@ -112,7 +141,7 @@ class ImageSet:
         try:
             raw = self._read(i)
         except Exception as e:  # noqa: BLE001 - a missing file or a failing reader skips the image.
-            self.mark_unreadable(i, f"{type(e).__name__}: {e}")
+            self.mark_unreadable(i, f"{type(e).__name__}: {e}", skip_reason(e))
             return None
         return self._store(i, self._decode_raw(i, raw))
 

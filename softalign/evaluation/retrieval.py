@@ -110,15 +110,19 @@ def build_retrieval(name: str, options: Any, ctx: base.EvalContext) -> base.Eval
     tokens = ctx.tokenizer.encode_batch(data.captions)
     ks = tuple(int(k) for k in (options.get("ks") or (1, 5, 10)))
 
+    def chance_of(n: int, t: int) -> dict[str, float]:
+        per_image = max(1, min(t, int(round(t / n))))
+        return {key: v for k in ks for key, v in retrieval_chance(n, t, per_image, k).items()}
+
     def run(encode_image, encode_text):
         img, kept = ctx.embed_images(encode_image, data.images, f"{name}: images")
         captions, owners = data.keep_images(kept)
         txt = ctx.embed_tokens(encode_text, tokens[captions], f"{name}: captions")
-        return base.with_skipped(retrieval_metrics(img, txt, owners, ks), data.images)
+        chance.clear()  # chance of what was scored: the images that could be read and their captions
+        chance.update(chance_of(len(kept), len(captions)))
+        return base.with_skipped(retrieval_metrics(img, txt, owners, ks), data.images, data.counts)
 
-    n, t = len(data.images), len(data.captions)
-    per_image = max(1, min(t, int(round(t / n))))
-    chance: dict[str, float] = {}
-    for k in ks:
-        chance.update(retrieval_chance(n, t, per_image, k))
-    return base.Evaluator(name, base.every_of(options), run, chance, num_images=n)
+    # Before the first run: every image whose captions are usable (the unreadable ones are found while embedding).
+    readable = data.images.readable_indices()
+    chance = chance_of(max(len(readable), 1), max(len(data.keep_images(readable)[0]), 1))
+    return base.Evaluator(name, base.every_of(options), run, chance, num_images=len(data.images))

@@ -50,6 +50,6 @@ def format_metric(key: str, value: float, chance: Optional[float] = None) -> str
     if is_fraction(key):
         text = f"{100 * value:.1f}%"
         return text if chance is None else f"{text} (chance {100 * chance:.1f}%)"
-    if key.startswith("skipped") or key.startswith("num_"):
+    if key.startswith(("skipped", "dropped_caption", "num_")):
         return f"{int(value)}"
     return f"{value:.1f}" if "rank" in key else f"{value:.2f}"

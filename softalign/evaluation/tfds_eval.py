@@ -8,6 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from softalign.config.errors import ConfigError
+from softalign.data import skips
 from softalign.evaluation.dataset_base import (
     _CLASS_KEYS,
     _COMMON_KEYS,
@@ -17,7 +18,9 @@ from softalign.evaluation.dataset_base import (
     _classnames,
     _image_set,
     _subset,
+    add_counts,
     check_keys,
+    usable_captions,
 )
 
 
@@ -26,11 +29,6 @@ def _tfds_get(record: Any, key: str) -> Any:
     for part in key.split("/"):
         record = record[part]
     return record
-
-
-def _texts(value: Any) -> list[str]:
-    values = np.asarray(value, dtype=object).reshape(-1)
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def _tfds_caption_key(features: Any) -> Optional[str]:
@@ -77,7 +75,7 @@ def _tfds(spec: dict[str, Any], ctx: ImageContext, where: str, task: str) -> Any
         caption_key = spec.get("caption_key") or _tfds_caption_key(features)
         if not caption_key:
             raise ConfigError(f"{where}: {tfds_name} has no caption feature (set caption_key)")
-        target = lambda rec: _texts(_tfds_get(rec, caption_key))
+        target = lambda rec: _tfds_get(rec, caption_key)  # raw: checked below, as training checks captions
 
     keep = _subset(len(source), spec)
     display = spec.get("name") or tfds_name
@@ -91,7 +89,7 @@ def _tfds(spec: dict[str, Any], ctx: ImageContext, where: str, task: str) -> Any
             record = source[int(keep[i])]
             targets[i] = target(record)
         except Exception as e:  # noqa: BLE001 - an unreadable record is skipped like a corrupt image.
-            images.mark_unreadable(i, f"{type(e).__name__}: {e}")
+            images.mark_unreadable(i, f"{type(e).__name__}: {e}", skips.CORRUPT_RECORD)
             return
         images.offer(i, record[image_key])  # Decoded once here when the set fits in the cache.
 
@@ -102,15 +100,19 @@ def _tfds(spec: dict[str, Any], ctx: ImageContext, where: str, task: str) -> Any
     if task == "classification":
         labels = np.asarray([-1 if t is None else t for t in targets], np.int32)
         return ClassificationData(name, images, labels, _classnames(where, spec, features[label_key].names))
-    texts, owner = [], []
-    for i, caps in enumerate(targets):
-        if caps is None or not caps:  # No captions: the image cannot be scored; leave it out.
-            if caps is not None:
-                images.mark_unreadable(i, "no captions")
+    texts, owner, counts = [], [], {}
+    for i, raw in enumerate(targets):
+        if raw is None:  # unreadable record, already counted
             continue
+        try:
+            caps, dropped = usable_captions(raw)
+        except skips.BadRecord as e:  # no usable caption: the image cannot be scored; leave it out
+            images.mark_unreadable(i, f"no usable caption ({e.reason})", e.reason)
+            continue
+        add_counts(counts, dropped)
         texts.extend(caps)
         owner.extend([i] * len(caps))
-    return CaptionData(name, images, texts, np.asarray(owner, np.int64))
+    return CaptionData(name, images, texts, np.asarray(owner, np.int64), counts)
 
 
 # ----------------------------------------------------------------------------- synthetic / training source

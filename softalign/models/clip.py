@@ -71,6 +71,7 @@ class CLIP(nn.Module):
             dtype=dtype,
             remat=remat,
             scan=scan,
+            mask_ratio=float(v.get("mask_ratio", 0.0)),
         )
         self.text = TextTransformer(
             vocab_size=t.vocab_size,
@@ -104,9 +105,12 @@ class CLIP(nn.Module):
         max_scale = self.config.get("logit_scale_max", 100.0)
         return jnp.minimum(jnp.exp(self.logit_scale), jnp.float32(max_scale))
 
-    def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Returns (image_emb, text_emb, logit_scale): unit-norm float32 (n, d) twice and a scalar."""
-        return self.encode_image(images), self.encode_text(tokens), self.clamped_logit_scale()
+    def __call__(self, images: jax.Array, tokens: jax.Array,
+                 train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (image_emb, text_emb, logit_scale): unit-norm float32 (n, d) twice and a scalar. ``train=True``
+        masks image patches when ``vision.mask_ratio > 0`` (pass ``rngs={"mask": key}``); the step's student only."""
+        image_emb = l2_normalize(self.vision(images, train=train)) if train else self.encode_image(images)
+        return image_emb, self.encode_text(tokens), self.clamped_logit_scale()
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> CLIP:
@@ -138,6 +142,10 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         )
     if v.pool not in POOL_TYPES:
         raise ValueError(f"model.vision.pool must be one of {POOL_TYPES}, got {v.pool!r}.")
+    ratio, patches = float(v.get("mask_ratio", 0.0)), (v.image_size // v.patch_size) ** 2
+    if not 0.0 <= ratio < 1.0 or int(patches * (1.0 - ratio)) < 1:
+        raise ValueError(f"model.vision.mask_ratio={ratio} must be in [0, 1) and keep at least one of the "
+                         f"{patches} patches.")
     for name, tower in (("vision", v), ("text", t)):
         if tower.width % tower.num_heads != 0:
             raise ValueError(

@@ -47,6 +47,9 @@ def _make(
     cfg.vision.width, cfg.vision.depth, cfg.vision.num_heads = vision
     cfg.vision.mlp_ratio = 4.0
     cfg.vision.pool = "cls"
+    # FLIP (docs/method.md): share of image patches the student drops at random in training; 0: none. Never at
+    # evaluation, and teachers always embed the full image.
+    cfg.vision.mask_ratio = 0.0
 
     cfg.text = ml_collections.ConfigDict()
     cfg.text.vocab_size = vocab_size

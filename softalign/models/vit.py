@@ -16,6 +16,20 @@ Dtype = Any
 POOL_TYPES = ("cls", "gap")
 
 
+def keep_indices(key: jax.Array, n: int, num_patches: int, ratio: float) -> jax.Array:
+    """FLIP's random mask: int32 (n, keep) patch indices, ``keep = int(num_patches * (1 - ratio))``, per row the
+    first ``keep`` of ``argsort(uniform noise)`` (so each row keeps a uniformly random subset)."""
+    keep = int(num_patches * (1.0 - ratio))
+    noise = jax.random.uniform(key, (n, num_patches))
+    return jnp.argsort(noise, axis=1)[:, :keep].astype(jnp.int32)
+
+
+def gather_patches(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Rows ``idx`` (n, k) of the tokens ``x`` (n, L, w) -> (n, k, w), exact (a gather; its gradient a scatter-add).
+    A one-hot einsum form was no faster on the demo model under jit on CPU (benchmarks/masking.py)."""
+    return jnp.take_along_axis(x, idx[:, :, None], axis=1)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> width, bias-free: a stride-p conv computed as one matmul over flattened
     patches (XLA's CPU convolution is several times slower for this shape). ``kernel`` keeps the conv layout
@@ -56,6 +70,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     scan: bool = False
+    mask_ratio: float = 0.0  # FLIP: share of patches dropped in training (train=True; needs the 'mask' rng)
 
     @property
     def grid_size(self) -> int:
@@ -69,9 +84,13 @@ class VisionTransformer(nn.Module):
             )
         if self.pool not in POOL_TYPES:
             raise ValueError(f"Unknown vision pool {self.pool!r}; expected one of {POOL_TYPES}.")
+        if not 0.0 <= self.mask_ratio < 1.0 or int(self.grid_size**2 * (1.0 - self.mask_ratio)) < 1:
+            raise ValueError(f"model.vision.mask_ratio={self.mask_ratio} must be in [0, 1) and keep >= 1 patch.")
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """``train=True`` with ``mask_ratio > 0`` drops patches at random (FLIP), drawing from the 'mask' rng;
+        otherwise (evaluation, teachers) every patch is kept and the code path is exactly the unmasked one."""
         self._check()
         if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
@@ -88,6 +107,10 @@ class VisionTransformer(nn.Module):
             num_tokens += 1
         pos = self.param("pos_embedding", nn.initializers.normal(scale), (num_tokens, self.width), jnp.float32)
         x = x + pos[None]
+        if train and self.mask_ratio > 0:  # after the positions, as FLIP; the [cls] token is always kept
+            lead = 1 if self.pool == "cls" else 0
+            idx = keep_indices(self.make_rng("mask"), n, self.grid_size**2, self.mask_ratio)
+            x = jnp.concatenate([x[:, :lead], gather_patches(x[:, lead:], idx)], axis=1)
 
         x = layer_norm("ln_pre")(x)
         x = Transformer(

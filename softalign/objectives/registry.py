@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from softalign.objectives import infonce, oracle, siglip, teachers
+from softalign.objectives import distill, infonce, oracle, protoclip, siglip, teachers
 from softalign.objectives.base import Objective, ObjectiveBuilder, ObjectiveContext
 
 OBJECTIVES: dict[str, ObjectiveBuilder] = {
     "infonce": infonce.InfoNCE.from_context,  # symmetric InfoNCE with PSD soft targets (CLIP when alpha_max=0)
     "siglip": siglip.SigLIP.from_context,  # SigLIP's pairwise sigmoid loss, learnable bias; no PSD soft targets
+    "protoclip": protoclip.ProtoCLIP.from_context,  # InfoNCE + ProtoCLIP's prototype loss (k-means of the bank)
+    "distill": distill.Distill.from_context,  # TinyCLIP's affinity mimicking from a frozen external teacher
 }
 
 TEACHERS: dict[str, Callable[[Any], teachers.Teacher]] = {

@@ -43,12 +43,33 @@ def alpha_schedule(
     return cosine
 
 
+MAX_DEFAULT_GROUPS = 256  # psd.subset_groups=0: the most strata the default takes (a power of two)
+MIN_GROUP_ROWS = 16  # ... and the fewest rows per stratum, so ceil(rho * rows) stays close to rho * rows
+
+
+def resolve_groups(subset_groups: int, batch_size: int) -> int:
+    """The number of strata of S: ``subset_groups``, or for 0 the largest power of two <= 256 that divides the
+    global batch into groups of at least 16 rows (8 for B = 128, 256 for B = 32,768; 1 below B = 32).
+
+    The default depends on the batch alone, never on the mesh, so S, and with it the whole run, is the same on any
+    number of devices or processes (elastic resume). It keeps the teacher's forward local wherever the device
+    count divides it (any power of two up to 256 devices with >= 16 rows each); elsewhere the gather of S crosses
+    devices, which is correct, only slower (the step logs a note)."""
+    if subset_groups > 0:
+        return int(subset_groups)
+    groups = 1
+    while groups * 2 <= MAX_DEFAULT_GROUPS and batch_size % (groups * 2) == 0 \
+            and batch_size // (groups * 2) >= MIN_GROUP_ROWS:
+        groups *= 2
+    return groups
+
+
 def subset_layout(batch_size: int, fraction: float, groups: int) -> tuple[int, int]:
     """Returns ``(group_size, picks_per_group)`` for a stratified subset of the global batch.
 
     S takes ``ceil(fraction * group_size)`` rows from each of ``groups`` contiguous groups. With ``groups`` a multiple
     of the number of data shards every group lives on one device, so the teacher's forward pass on S needs no
-    cross-device image traffic, and for a fixed ``groups`` S is the same on any number of devices.
+    cross-device image traffic; for a fixed ``groups`` S is the same on any number of devices (`resolve_groups`).
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"psd.subset_fraction must be in [0, 1], got {fraction}")

@@ -41,7 +41,8 @@ def define_flags() -> None:
     flags.DEFINE_string("spacy_model", "en_core_web_sm", "spaCy pipeline for --mode=lemma (else its lookup tables).")
     flags.DEFINE_string("split", "train", "The source split to count ('train': as training reads it).")
     flags.DEFINE_integer("max_records", 0, "Count only the first N records (0: all).")
-    flags.DEFINE_integer("workers", 2, "Worker processes (1: in this process).")
+    flags.DEFINE_integer("workers", 1, "Worker processes over shards (1: in this process; 0: one per core from "
+                         "200k records on).")
     flags.DEFINE_integer("shard_size", 0, "Records per shard (0: about 4 shards per worker, at most 100k).")
     flags.DEFINE_string("results", "", "An eval_results.json with per-class recall[<class>] entries to join.")
     flags.DEFINE_string("eval_name", "", "The evaluator in --results (and in config.evals, for default concepts).")
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> None:
     rows = frequency_rows(index, concept_list, accuracy)
     print(f"{index.num_records:,} records, {index.num_captions:,} captions ({index.skipped} skipped) of "
           f"{data['source']}/{FLAGS.split} in {index.seconds:.1f} s: {index.num_records / index.seconds:,.0f} "
-          f"records/s, {index.num_captions / index.seconds:,.0f} captions/s ({FLAGS.workers} worker(s), "
+          f"records/s, {index.num_captions / index.seconds:,.0f} captions/s ({index.workers} process(es), "
           f"{FLAGS.mode} rule)")
     width = max(len(r["concept"]) for r in rows)
     for r in sorted(rows, key=lambda r: -r["frequency"]):

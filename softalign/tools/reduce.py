@@ -183,7 +183,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     print(f"Embedded {s['records_embedded']:,} records ({s['records_skipped']} skipped) in {s['embed_seconds']} s; "
           f"k-means ({s['clusters']} clusters) in {s['kmeans_seconds']} s")
-    print(f"Kept {s['kept']:,} records ({100 * s['kept_fraction']:.1f}%): every {s['stride']}th per cluster, "
+    print(f"Kept {s['kept']:,} records ({100 * s['kept_fraction']:.1f}%): one in {s['stride']} per cluster, "
           f"within the top {100 * s['score_fraction']:g}% by image-text score")
     print(f"Wrote {s['output']} (train with --config.data.subset_file={s['output']})")
 

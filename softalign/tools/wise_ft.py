@@ -8,7 +8,7 @@ the endpoints' parameters bit for bit. Writes ``wise_ft.md``, ``.csv`` (every me
 (reference-set vs shifted-set accuracy, one point per alpha):
 
     python -m softalign.tools.wise_ft --workdir=/tmp/sa-demo --base=/tmp/sa-demo --base_step=100 \\
-        --alphas=0,0.25,0.5,0.75,1 --reference=color --shifted=shape
+        --suite=robustness --reference=color --shifted=color_cluttered
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def define_flags() -> None:
     flags.DEFINE_string("config", "", "Config file for --workdir when it has no config.json.")
     flags.DEFINE_list("alphas", ["0", "0.25", "0.5", "0.75", "1"], "Mixing coefficients (weight of --workdir).")
     flags.DEFINE_string("evals", "", "Extra evaluators as JSON {name: {kind, ...}} (see softalign.evaluate).")
+    flags.DEFINE_string("suite", "", "Evaluate a named suite (softalign/evaluation/suites.py) instead of config.evals.")
     flags.DEFINE_list("only", [], "Run only these evaluators.")
     flags.DEFINE_string("reference", "", "NAME[:METRIC]: the reference (in-distribution) set for the plot.")
     flags.DEFINE_list("shifted", [], "NAME[:METRIC],...: shifted sets for the plot (their mean is plotted).")
@@ -157,7 +158,12 @@ def main(argv: list[str]) -> None:
         alphas = [float(a) for a in FLAGS.alphas]
         run, base_params = load_endpoints(FLAGS.workdir, FLAGS.base, step=FLAGS.step, base_step=FLAGS.base_step,
                                           config=as_config(FLAGS.config) if FLAGS.config else None)
-        evals = select_evals(run.config, extra=json.loads(FLAGS.evals) if FLAGS.evals else {}, only=FLAGS.only)
+        extra = json.loads(FLAGS.evals) if FLAGS.evals else {}
+        if FLAGS.suite:
+            from softalign.evaluation.suites import suite_evals
+            extra = {**suite_evals(FLAGS.suite), **extra}
+            run.config.evals = {}
+        evals = select_evals(run.config, extra=extra, only=FLAGS.only)
         rows = sweep(run, base_params, alphas, evals)
         paths = write_report(rows, FLAGS.output_dir or os.path.join(FLAGS.workdir, "wise_ft"), FLAGS.reference,
                              FLAGS.shifted)

@@ -25,6 +25,7 @@ from softalign.data.sources import sample_captions
 from softalign.data.tokenizer import Tokenizer, corpus_tokenizer, synthetic_tokenizer
 from softalign.models import CLIP, abstract_params, build_model
 from softalign.parallel import sharding
+from softalign.training import external_teacher
 
 
 def device_count(config: Any) -> int:
@@ -44,7 +45,12 @@ def load_tokenizer(config: Any, workdir: str) -> Tokenizer:
             local = os.path.join(tmp, run_files.TOKENIZER_FILE)
             epath.Path(local).write_bytes(path.read_bytes())
             return Tokenizer.from_file(local, length)
-    if config.data.source != "synthetic":
+    logging.info("Building the tokenizer (no tokenizer.json in the workdir yet; vocab %d, %s captions)",
+                 config.tokenizer.vocab_size, config.data.source)
+    lent = external_teacher.teacher_tokenizer_file(config)  # distill: the teacher's vocabulary, copied here
+    if lent is not None:
+        tok = Tokenizer.from_file(lent, length)
+    elif config.data.source != "synthetic":
         tok = corpus_tokenizer(sample_captions(config.data, config.tokenizer.num_captions), length,
                                vocab_size=config.tokenizer.vocab_size)
     else:
@@ -102,7 +108,7 @@ def load_model(config: Any, workdir: str) -> ModelSetup:
     tokenizer = load_tokenizer(config, workdir)
     config = resolve_config(config, tokenizer)
     num_devices = device_count(config)
-    checks.validate_eval(config, num_devices=num_devices)
+    checks.validate_eval(config, num_devices=num_devices, available_devices=jax.device_count())
     mesh = sharding.make_mesh(num_devices)
     replicated = sharding.replicated(mesh)
     shapes = abstract_params(config.model)

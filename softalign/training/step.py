@@ -4,8 +4,8 @@ Both towers, the teacher's targets, the configured objective, the gradients and 
 ``jax.jit`` with explicit ``in_shardings``/``out_shardings``; the objective itself is a ``shard_map`` that builds
 only each device's b x B logit rows (see ``objectives/infonce.py``). A step whose loss or gradient is not finite
 leaves params, optimizer and teacher untouched and records its step in ``state.nonfinite_step``; with
-:func:`all_finite` on the state before every save, no NaN or Inf ever reaches a checkpoint. ``host_outputs`` is what the teacher hands back to the host (the memory
-teacher's embeddings; ``{}`` for the others).
+:func:`all_finite` on the state before every save, no NaN or Inf ever reaches a checkpoint. ``host_outputs`` is
+what the teacher hands back to the host (the memory teacher's embeddings; ``{}`` for the others).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from softalign.objectives.base import LossInputs, Objective, ObjectiveContext
 from softalign.objectives.memory_bank import MEMORY_SEEN
 from softalign.objectives.teachers import Teacher
 from softalign.parallel import sharding
-from softalign.training import accumulate
+from softalign.training import accumulate, external_teacher
 
 OBJECTIVE_PARAMS = "objective"  # params[OBJECTIVE_PARAMS]: the objective's own leaves, when it has any
+MASK_KEY_SALT = 0x464C4950  # fold_in(step key, this): the FLIP mask's key ("FLIP")
 
 StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]]
 
@@ -108,7 +109,8 @@ def make_train_step(
     alpha_fn = soft_targets.alpha_schedule(psd_config.alpha_max, psd_config.ramp, psd_config.ramp_start, ramp_end)
     groups = soft_targets.resolve_groups(psd_config.subset_groups, batch_size)  # never the mesh: elastic resume
     soft_targets.subset_layout(batch_size, psd_config.subset_fraction, groups)  # validates early
-    use_teacher = objective.supports_soft_targets and psd_config.alpha_max > 0 and psd_config.subset_fraction > 0
+    use_teacher = objective.supports_soft_targets and (getattr(objective, "always_teacher", False) or (
+        psd_config.alpha_max > 0 and psd_config.subset_fraction > 0))  # always_teacher: e.g. distill's
     shards = sharding.num_batch_shards(mesh)
     if use_teacher and groups % shards:
         logging.info("psd: S has %d strata, not a multiple of the %d data shards: the teacher's subset gather "
@@ -118,6 +120,17 @@ def make_train_step(
     def embed(params, images, tokens):
         return model.apply({"params": split_params(params)[0]}, images, tokens)
 
+    mask_ratio = float(model.config.vision.get("mask_ratio", 0.0)) if hasattr(model, "config") else 0.0
+    if mask_ratio > 0 and grad_accum_steps > 1:  # every micro-batch would reuse one mask key
+        raise ValueError("model.vision.mask_ratio > 0 does not support grad_accum_steps > 1 yet")
+
+    def student_embed(mask_key):
+        """The student's towers: FLIP's patch masking when mask_ratio > 0 (teachers keep ``embed``, unmasked)."""
+        if mask_ratio <= 0:
+            return embed
+        return lambda params, images, tokens: model.apply(
+            {"params": split_params(params)[0]}, images, tokens, train=True, rngs={"mask": mask_key})
+
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)
         subset_idx, subset_mask = soft_targets.draw_subset(key, batch_size, psd_config.subset_fraction, groups)
@@ -126,6 +139,8 @@ def make_train_step(
         targets = teacher.targets(teacher_state, batch, subset_idx, embed) if use_teacher else None
         if not use_teacher:
             subset_mask = jnp.zeros_like(subset_mask)
+        # its own stream, folded from the step key: the subset S above is the same with and without masking
+        student = student_embed(jax.random.fold_in(key, MASK_KEY_SALT) if mask_ratio > 0 else None)
 
         def loss_of_embeddings(img, txt, scale, objective_params):
             t = targets
@@ -140,13 +155,13 @@ def make_train_step(
 
         if grad_accum_steps > 1:
             (loss, (metrics, host)), grads, objective_grads = accumulate.cached_feature_grads(
-                embed, loss_of_embeddings, state.params, batch["image"], batch["tokens"], grad_accum_steps, mesh,
+                student, loss_of_embeddings, state.params, batch["image"], batch["tokens"], grad_accum_steps, mesh,
                 split=split_params)
             if objective_grads:
                 grads = {**grads, OBJECTIVE_PARAMS: objective_grads}
         else:
             def loss_fn(p):
-                return loss_of_embeddings(*embed(p, batch["image"], batch["tokens"]), split_params(p)[1])
+                return loss_of_embeddings(*student(p, batch["image"], batch["tokens"]), split_params(p)[1])
 
             (loss, (metrics, host)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
@@ -174,8 +189,9 @@ def build_train_step(config: Any, *, model: Any, mesh: Mesh, tx: optax.GradientT
                      lr_schedule: optax.Schedule) -> tuple[StepFn, Teacher, Objective]:
     """The step for a resolved config: ``(step_fn, teacher, objective)``, the teacher and objective built from
     ``config.psd`` and ``config.objective`` through the registries."""
-    teacher = registry.make_teacher(config.psd)
     objective = registry.make_objective(ObjectiveContext(config, mesh, config.batch_size))
+    own = getattr(objective, "teacher", None)  # an objective with a teacher of its own (distill's, loaded here)
+    teacher = registry.make_teacher(config.psd) if own is None else external_teacher.attach(own, config)
     step_fn = make_train_step(model=model, tx=tx, lr_schedule=lr_schedule, teacher=teacher, objective=objective,
                               psd_config=config.psd, num_steps=config.num_steps, mesh=mesh,
                               batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps)

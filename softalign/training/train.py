@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import time
 from typing import Any
 
@@ -18,7 +17,6 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from softalign import workdir as run_files
 from softalign.config import checks
@@ -26,11 +24,10 @@ from softalign.data import pipeline
 from softalign.data.sources import build_source
 from softalign.data.tokenizer import Tokenizer
 from softalign.evaluation import suite
-from softalign.interop import weights
 from softalign.models import CLIP, build_model, example_inputs
-from softalign.objectives import memory_bank, registry
+from softalign.objectives import memory_bank, prototypes, registry
 from softalign.parallel import sharding
-from softalign.training import checkpointing, setup, writers
+from softalign.training import checkpointing, elastic, external_teacher, setup, signals, writers
 from softalign.training.optim import make_optimizer
 from softalign.training.step import (
     StepFn,
@@ -68,7 +65,7 @@ class Run:
 def build_run(config: Any, workdir: str) -> Run:
     """Builds mesh, tokenizer, model, optimizer, teacher, objective, initial state and the jitted step."""
     num_devices = setup.device_count(config)
-    checks.validate(config, num_data_shards=num_devices, workdir=workdir)
+    checks.validate(config, num_data_shards=num_devices, workdir=workdir, available_devices=jax.device_count())
     mesh = sharding.make_mesh(num_devices, fsdp=config.fsdp)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     tokenizer = setup.load_tokenizer(config, workdir)
@@ -80,7 +77,8 @@ def build_run(config: Any, workdir: str) -> Run:
     tx, lr_schedule = make_optimizer(config.optim, config.num_steps)
     step_fn, teacher, objective = build_train_step(config, model=model, mesh=mesh, tx=tx, lr_schedule=lr_schedule)
     images, tokens = example_inputs(config.model)
-    pretrained = weights.init_from_params(config, workdir)  # None unless init_from is set and the run is fresh
+    # None unless init_from (or distill.inherit) is set and the run is fresh
+    pretrained = external_teacher.initial_params(config, workdir, teacher)
 
     def init_state(pretrained=None):
         params = model.init(jax.random.key(config.seed), images, tokens)["params"]
@@ -130,34 +128,12 @@ def _write_done(workdir: str, step: int, num_steps: int, wall_seconds: float, tr
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-class _StopFlag:
-    """Set by SIGTERM (preemption) or Ctrl-C: the loop saves a checkpoint and exits cleanly. A second Ctrl-C
-    interrupts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.stop = False
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        logging.warning("%s received: saving a checkpoint and exiting", signal.Signals(signum).name)
-        self.stop = True
-
-    def agreed(self, step: int, every: int) -> bool:
-        """Whether all processes stop after ``step``. With several processes they agree every ``every`` steps (a
-        process that saw SIGTERM runs on to that step), so all of them join the same final multi-host save."""
-        if jax.process_count() == 1:
-            return self.stop
-        if step % every:
-            return False
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.stop))))
-
-    def restore(self):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+def _kept(ckpt: checkpointing.Checkpointer) -> str:
+    """Which checkpoint a stopped run leaves to resume from (once the save in flight has finished or failed)."""
+    good = ckpt.last_good_step()
+    if good is None:
+        return "No checkpoint was saved before it, so a rerun starts from scratch."
+    return f"The last good checkpoint (step {good}) is kept."
 
 
 def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer, step: int) -> None:
@@ -166,20 +142,20 @@ def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer, step: int
     if bad >= 0:
         raise NonFiniteLossError(
             f"loss or gradient became non-finite at step {bad}; that update was skipped and training stopped. "
-            f"The last good checkpoint (step {ckpt.latest_step()}) is kept.")
+            f"{_kept(ckpt)}")
     if not bool(all_finite((state.params, state.opt_state))):  # e.g. an update that overflowed float32
         raise NonFiniteLossError(
             f"parameters or optimizer state became non-finite by step {step} (the loss and gradient were finite: "
-            f"is the learning rate too large?); training stopped before saving them. The last good checkpoint "
-            f"(step {ckpt.latest_step()}) is kept.")
+            f"is the learning rate too large?); training stopped before saving them. {_kept(ckpt)}")
 
 
 class _MemoryHook:
     """The ``memory`` teacher's host bank, wired into the loop: rows looked up before each step, the step's
-    embeddings written back after it, the bank saved with every checkpoint. A no-op for other teachers."""
+    embeddings written back after it, the bank saved with every checkpoint. A no-op for other teachers. With
+    ``objective.name='protoclip'`` it also adds the bank's k-means prototypes to each batch (objectives/prototypes)."""
 
     def __init__(self, config: Any, ckpt: checkpointing.Checkpointer, restored_step: int | None):
-        self.bank = None
+        self.bank = self.prototypes = None
         if not registry.make_teacher(config.psd).host_memory:
             return
         size = len(build_source(config.data, "train"))  # batch['index'] is the record's index in the train split
@@ -192,9 +168,11 @@ class _MemoryHook:
                 logging.warning("checkpoint %d has no memory bank: the memory teacher starts empty", restored_step)
             else:
                 self.bank.load(saved)
+        self.prototypes = prototypes.hook_for(config, self.bank, jax.process_index(), jax.process_count())
 
-    def before(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return local if self.bank is None else {**local, **self.bank.lookup(local["index"])}
+    def before(self, local: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+        local = local if self.bank is None else {**local, **self.bank.lookup(local["index"])}
+        return local if self.prototypes is None else self.prototypes.before(local, step)
 
     def after(self, host: dict[str, jax.Array], step: int) -> None:
         if self.bank is not None:  # writes back the previous step's embeddings; this step's stay pending
@@ -239,10 +217,47 @@ def _write_eval(writer: Any, step: int, results: Results) -> None:
     writer.write_scalars(step, {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()})
 
 
-def train_and_evaluate(config: Any, workdir: str) -> Results:
-    """Trains (or resumes) in ``workdir`` and returns the final evaluation results."""
+def _stopped_early(stop_flag: signals.StopFlag, where: str) -> bool:
+    """Whether a SIGTERM/Ctrl-C came before training started (all processes agree): then the run exits cleanly."""
+    if not stop_flag.agreed(0, 1)[0]:
+        return False
+    message = f"{stop_flag.signal_name or 'A stop signal'} received {where}: exiting cleanly (nothing new to save)."
+    print(message, flush=True)
+    logging.warning("%s", message)
+    return True
+
+
+def _restore(run: Run, ckpt: checkpointing.Checkpointer, data_iter: Any) -> tuple[TrainState, bool]:
+    """The latest checkpoint (on any mesh or process count) or the fresh state; says what it restored, and in one
+    more line when the checkpoint was written on another topology."""
+    restored = ckpt.restore(checkpointing.abstract_like(run.state), data_iter, global_batch_size=run.config.batch_size)
+    if restored is None:
+        return run.state, False
+    message = f"Restored checkpoint at step {restored[1]} from {ckpt.directory}"
+    change = elastic.describe_change(ckpt.restore_topology(restored[1]), elastic.topology(run.config, run.mesh))
+    for line in [message] + ([change] if change else []) + [f"Elastic resume: {n}" for n in ckpt.notes]:
+        print(line, flush=True)
+        logging.info("%s", line)
+    return restored[0], True
+
+
+def train_and_evaluate(config: Any, workdir: str, stop_flag: signals.StopFlag | None = None) -> Results:
+    """Trains (or resumes) in ``workdir`` and returns the final evaluation results. SIGTERM/Ctrl-C stop the run
+    cleanly from the start (``stop_flag``: one the caller installed earlier, e.g. before importing JAX)."""
     started = time.time()
+    own_flag = stop_flag is None
+    stop_flag = signals.StopFlag() if own_flag else stop_flag  # before the tokenizer trains or anything compiles
+    try:
+        return _train(config, workdir, stop_flag, started)
+    finally:
+        if own_flag:
+            stop_flag.restore()
+
+
+def _train(config: Any, workdir: str, stop_flag: signals.StopFlag, started: float) -> Results:
     run = build_run(config, workdir)
+    if _stopped_early(stop_flag, "while the run was being built"):
+        return {}
     config = run.config
     writer = writers.create_writers(workdir, just_logging=jax.process_index() != 0)
     evaluators = suite.build_evaluators(config, run.tokenizer, sharding.batch_sharding(run.mesh))
@@ -250,71 +265,74 @@ def train_and_evaluate(config: Any, workdir: str) -> Results:
         config.data, run.tokenizer, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     ckpt = checkpointing.Checkpointer(run_files.checkpoints_dir(workdir), max_to_keep=config.keep_checkpoints)
-    state = run.state
-    restored = ckpt.restore(checkpointing.abstract_like(state), data_iter)
-    if restored is not None:
-        state, _ = restored
-        message = f"Restored checkpoint at step {restored[1]} from {ckpt.directory}"
-        print(message, flush=True)
-        logging.info(message)
-    else:
-        writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
-    step = int(jax.device_get(state.step))
+    try:
+        state, resumed = _restore(run, ckpt, data_iter)
+        if not resumed:
+            writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+        step = int(jax.device_get(state.step))
+        if step >= config.num_steps:
+            return _finish_completed(run, evaluators, state, workdir, started)
+        if _stopped_early(stop_flag, "before training started"):
+            return {}
+        return _loop(run, evaluators, state, step, resumed, ckpt, data_iter, writer, stop_flag, workdir, started)
+    finally:
+        data_iter.close()  # stops Grain worker processes, if any
+        ckpt.close()  # a failed save was raised already (ckpt.wait); closing never hides the error in flight
+        writer.flush()
+
+
+def _loop(run: Run, evaluators: list[suite.Evaluator], state: TrainState, step: int, resumed: bool,
+          ckpt: checkpointing.Checkpointer, data_iter: Any, writer: Any, stop_flag: signals.StopFlag,
+          workdir: str, started: float) -> Results:
+    """Steps from ``step`` to num_steps (or stop_at_step), with metrics, evaluations and checkpoints; a failed
+    checkpoint save stops it at once (`checkpointing.CheckpointSaveError`)."""
+    config = run.config
     last = config.num_steps
     end = last if config.stop_at_step <= 0 else min(last, config.stop_at_step)
-    if step >= last:
-        try:
-            return _finish_completed(run, evaluators, state, workdir, started)
-        finally:
-            ckpt.close()
-
-    memory = _MemoryHook(config, ckpt, step if restored is not None else None)
+    memory = _MemoryHook(config, ckpt, step if resumed else None)
     batch_sharding = sharding.batch_sharding(run.mesh)
+    topology = elastic.topology(config, run.mesh)
     progress = writers.ProgressReporter(last, writer, every_secs=30)
-    stop_flag = _StopFlag()
     train_metrics = _TrainMetrics()
     results: Results = {}
     last_train: dict[str, float] = {}
-    try:
-        stopping = False
-        while step < end and not stopping:
-            batch = pipeline.to_global_batch(memory.before(next(data_iter)), batch_sharding)
-            state, metrics, host = run.train_step(state, batch)
-            memory.after(host, step)
-            step += 1
-            train_metrics.add(metrics)
-            progress(step, examples=config.batch_size)
-            if step % config.log_every == 0 or step == end:
-                _check_finite(state, ckpt, step)
-                last_train = train_metrics.pop()
-                writer.write_scalars(step, last_train)
-                data_metrics = pipeline.data_metrics()  # data/skipped/<reason>, data/caption_noise/*, ...
-                if data_metrics:
-                    writer.write_scalars(step, data_metrics)
-            due = [ev for ev in evaluators if ev.every > 0 and ev.due(step, last) and step != last]
-            if due:
-                with progress.timed("eval"):
-                    partial = evaluate(run, due, state.params)
-                _write_eval(writer, step, partial)
-                report(partial, due, step)
-            stopping = stop_flag.agreed(step, config.log_every)
-            if step % config.checkpoint_every == 0 or step == end or stopping:
-                _check_finite(state, ckpt, step)
-                with progress.timed("checkpoint"):
-                    ckpt.save(step, state, data_iter, force=True, memory=memory.state_dict())
-        if step >= last:
+    stopping = False
+    while step < end and not stopping:
+        batch = pipeline.to_global_batch(memory.before(next(data_iter), step), batch_sharding)
+        state, metrics, host = run.train_step(state, batch)
+        memory.after(host, step)
+        step += 1
+        train_metrics.add(metrics)
+        progress(step, examples=config.batch_size)
+        if step % config.log_every == 0 or step == end:
+            _check_finite(state, ckpt, step)
+            last_train = train_metrics.pop()
+            writer.write_scalars(step, last_train)
+            data_metrics = pipeline.data_metrics()  # data/skipped/<reason>, data/caption_noise/*, ...
+            if data_metrics:
+                writer.write_scalars(step, data_metrics)
+        due = [ev for ev in evaluators if ev.every > 0 and ev.due(step, last) and step != last]
+        if due:
             with progress.timed("eval"):
-                results = evaluate(run, evaluators, state.params)
-            _write_eval(writer, step, results)
-            report(results, evaluators, step, final=True)
-            _write_results(workdir, step, results)
-            ckpt.wait()  # done.json only once the final checkpoint is committed
-            _write_done(workdir, step, last, time.time() - started, last_train)
-    finally:
-        stop_flag.restore()
-        data_iter.close()  # stops Grain worker processes, if any
-        ckpt.close()
-        writer.flush()
+                partial = evaluate(run, due, state.params)
+            _write_eval(writer, step, partial)
+            report(partial, due, step)
+        stopping, save_failed = stop_flag.agreed(step, config.log_every, ckpt.save_failed())
+        if save_failed:  # the first failed save stops the run, before the next one is attempted
+            ckpt.raise_failure()
+        if step % config.checkpoint_every == 0 or step == end or stopping:
+            _check_finite(state, ckpt, step)
+            with progress.timed("checkpoint"):
+                ckpt.save(step, state, data_iter, force=True, memory=memory.state_dict(), topology=topology)
+    if step >= last:
+        with progress.timed("eval"):
+            results = evaluate(run, evaluators, state.params)
+        _write_eval(writer, step, results)
+        report(results, evaluators, step, final=True)
+    ckpt.wait()  # raises CheckpointSaveError if the last save failed: then neither results nor done.json
+    if step >= last:
+        _write_results(workdir, step, results)
+        _write_done(workdir, step, last, time.time() - started, last_train)
     return results
 
 
