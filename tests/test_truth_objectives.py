@@ -235,9 +235,9 @@ def test_infonce_adds_truth_metrics_only_when_the_batch_has_them():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"psd.teacher": "oracle", "data.source": "arrayrecord", "data.path": "/tmp"}, "needs the synthetic source"),
+    ({"psd.teacher": "oracle", "data.source": "folder", "data.path": "/tmp"}, "needs the synthetic source"),
     ({"psd.teacher": "oracle", "loss_chunk_size": 4}, "loss_chunk_size=0"),
-    ({"objective.multi_positive": True, "data.source": "arrayrecord", "data.path": "/tmp"}, "synthetic source"),
+    ({"objective.multi_positive": True, "data.source": "folder", "data.path": "/tmp"}, "synthetic source"),
     ({"objective.multi_positive": True, "loss_chunk_size": 4}, "loss_chunk_size=0"),
 ])
 def test_config_errors(overrides, message):
