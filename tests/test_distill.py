@@ -1,6 +1,8 @@
 """TinyCLIP distillation: the affinity-mimicking loss vs float64 NumPy, chunked = unchunked, weight inheritance,
 and a frozen external teacher in the train step (bit-identical after steps, outside the optimizer)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import optax
 import pytest
 from flax import traverse_util
 from tiny import tiny_config
+from trained_run import run_module, train_tiny
 
 from softalign.models import build_model
 from softalign.models.inherit import inherit, layer_map
@@ -207,3 +210,25 @@ def test_external_teacher_is_frozen_and_outside_the_optimizer():
     assert jax.tree.structure(adam[0].mu) == jax.tree.structure(state.params)
     assert float(metrics["teacher_scale"]) == pytest.approx(float(np.exp(teacher_params["logit_scale"])))
     assert float(metrics["loss"]) == pytest.approx(float(metrics["loss_soft"]), rel=1e-5)
+
+
+def test_distill_run_from_a_teacher_workdir(tmp_path):
+    """End to end through ``python -m softalign.main``: a tiny teacher run, then a half-width student that
+    inherits from it, borrows its tokenizer and distills from it; a distill run without a teacher is refused."""
+    teacher = train_tiny(str(tmp_path / "teacher"))
+    student = str(tmp_path / "student")
+    args = (f"--workdir={student}", "--config.objective.name=distill", f"--config.distill.teacher={teacher}",
+            "--config.distill.inherit=True", "--config.distill.alpha=0.5", "--config.psd.alpha_max=0",
+            "--config.psd.teacher=self", "--config.model.embed_dim=8", "--config.model.vision.width=16",
+            "--config.model.vision.num_heads=1", "--config.model.text.width=16", "--config.model.text.num_heads=1",
+            "--config.num_steps=2", "--config.checkpoint_every=2")
+    r = run_module("softalign.main", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Weight inheritance:" in r.stdout
+    assert os.path.exists(os.path.join(student, "done.json"))
+    with open(os.path.join(student, "tokenizer.json"), "rb") as a, open(os.path.join(teacher, "tokenizer.json"),
+                                                                         "rb") as b:
+        assert a.read() == b.read()
+    bad = run_module("softalign.main", f"--workdir={tmp_path / 'bad'}", "--config.objective.name=distill",
+                     "--config.psd.teacher=self", "--config.psd.alpha_max=0")
+    assert bad.returncode != 0 and "distill.teacher" in bad.stderr

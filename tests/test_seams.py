@@ -8,17 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_step import B, _setup
 
 from softalign.config import checks
 from softalign.config.errors import ConfigError
-from softalign.models import build_model
 from softalign.objectives import registry, soft_targets
 from softalign.objectives.base import LossInputs, ObjectiveContext, TeacherTargets
 from softalign.objectives.teachers import Teacher
 from softalign.parallel import sharding
-from softalign.training.optim import make_optimizer
 from softalign.training.step import build_train_step, create_state, with_objective_params
-from test_step import B, _setup
 
 
 class PairCosine:

@@ -62,8 +62,8 @@ def load_source(source: str, preset: str = "") -> tuple[ml_collections.ConfigDic
     model_config = model_config_of(source, preset)
     try:
         if _is_workdir(source):
-            cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # each process reads its own copy
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
                                     abstract_params(model_config))
             params, step, path = checkpointing.restore_params(source, abstract)
             logging.info("distill: read %s (step %d)", path, step)

@@ -33,8 +33,27 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+FREEZABLE = ("vision", "text")  # optim.freeze: top-level params a run may lock (LiT, Zhai et al., CVPR 2022)
+
+
+def frozen_labels(freeze: Any) -> Any:
+    """``params -> {'frozen' | 'train'}`` per leaf: a leaf under a top-level key in ``freeze`` is frozen."""
+    unknown = sorted(set(freeze) - set(FREEZABLE))
+    if unknown:
+        raise ValueError(f"optim.freeze={tuple(freeze)}: {unknown} cannot be frozen; choose from {FREEZABLE}")
+
+    def labels(params):
+        return {k: jax.tree.map(lambda _, k=k: "frozen" if k in freeze else "train", v) for k, v in params.items()}
+
+    return labels
+
+
 def make_optimizer(optim_config: Any, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns ``(tx, lr_schedule)``: clip by global norm (if ``grad_clip > 0``), then masked AdamW."""
+    """Returns ``(tx, lr_schedule)``: clip by global norm (if ``grad_clip > 0``), then masked AdamW.
+
+    ``optim.freeze`` (e.g. ``("text",)``) locks those towers: their updates are zero (``optax.set_to_zero``), so
+    their params stay bit-identical, hold no Adam moments, take no weight decay and do not count in the clipped
+    norm. Their gradients are still computed (the step logs the norm of all of them)."""
     schedule = learning_rate_schedule(optim_config, num_steps)
     parts = []
     if optim_config.grad_clip > 0:
@@ -49,4 +68,8 @@ def make_optimizer(optim_config: Any, num_steps: int) -> tuple[optax.GradientTra
             mask=weight_decay_mask,
         )
     )
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    freeze = tuple(optim_config.get("freeze", ()) or ())
+    if freeze:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels(freeze))
+    return tx, schedule
