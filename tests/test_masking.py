@@ -126,3 +126,59 @@ def test_mask_ratio_validated():
         c.model.vision.mask_ratio = bad
         with pytest.raises(ValueError, match="mask_ratio"):
             build_model(c.model)
+
+
+def _manual_cls_attention(params, images, patch, heads):
+    """Depth-1 tower by hand: [cls]'s softmax attention over the patches, averaged over heads (float32)."""
+    p = params["vision"]
+    n, size, _, c = images.shape
+    k = patch
+    patches = images.reshape(n, size // k, k, size // k, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, k * k * c)
+    x = patches @ np.asarray(p["patch_embed"]["kernel"]).reshape(k * k * c, -1)
+    x = np.concatenate([np.broadcast_to(p["cls_token"], (n, 1, x.shape[-1])), x], 1) + np.asarray(p["pos_embedding"])
+
+    def ln(z, q):
+        z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-5)
+        return z * np.asarray(q["scale"]) + np.asarray(q["bias"])
+    blk = p["transformer"]["resblocks_0"]
+    h = ln(ln(x, p["ln_pre"]), blk["ln_1"]) @ np.asarray(blk["attn"]["in_proj"]["kernel"]) \
+        + np.asarray(blk["attn"]["in_proj"]["bias"])
+    w = x.shape[-1]
+    q, kk = (h[..., i * w:(i + 1) * w].reshape(n, -1, heads, w // heads) for i in (0, 1))
+    logits = np.einsum("nhd,nlhd->nhl", q[:, 0], kk) / np.sqrt(w // heads)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return probs.mean(1)[:, 1:]
+
+
+def test_attentive_keep_takes_the_most_attended_patches():
+    from softalign.models.clip import attentive_keep
+    c = _setup()[0]
+    c.model.text.update(vocab_size=50, eot_id=2, context_length=8)
+    c.model.vision.update(mask="attentive", mask_ratio=0.5, patch_size=2)  # 16 patches
+    model = build_model(c.model)
+    images = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+    params = model.init(jax.random.key(0), images, jnp.ones((3, 8), jnp.int32))["params"]
+    keep = np.asarray(attentive_keep(model, params, images, 0.5))
+    attention = _manual_cls_attention(jax.tree.map(np.asarray, params), np.asarray(images), 2, c.model.vision.num_heads)
+    np.testing.assert_array_equal(np.sort(keep, 1), np.sort(np.argsort(-attention, 1)[:, :8], 1))
+    # the student with `keep` equals the unmasked tower on exactly those patches' tokens: check via train=False
+    full = model.apply({"params": params}, images, jnp.ones((3, 8), jnp.int32))[0]
+    masked = model.apply({"params": params}, images, jnp.ones((3, 8), jnp.int32), keep=jnp.asarray(keep))[0]
+    all_kept = model.apply({"params": params}, images, jnp.ones((3, 8), jnp.int32),
+                           keep=jnp.tile(jnp.arange(16), (3, 1)))[0]
+    np.testing.assert_allclose(np.asarray(all_kept), np.asarray(full), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(masked), np.asarray(full))
+
+
+def test_attentive_step_8_devices_equal_1_and_needs_a_params_teacher():
+    setup = _masked_setup(0.5)
+    setup[0].model.vision.mask = "attentive"
+    setup[1] = build_model(setup[0].model)
+    s1, l1, _, _ = _run(sharding.make_mesh(1), *setup)
+    s8, l8, _, _ = _run(sharding.make_mesh(8), *setup)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="attentive"):
+        _run(sharding.make_mesh(1), *setup, psd=dict(setup[0].psd, teacher="self"))

@@ -18,7 +18,7 @@ import ml_collections
 
 from softalign.models.layers import get_activation
 from softalign.models.text import TextTransformer
-from softalign.models.vit import POOL_TYPES, VisionTransformer
+from softalign.models.vit import MASK_TYPES, POOL_TYPES, VisionTransformer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -72,6 +72,7 @@ class CLIP(nn.Module):
             remat=remat,
             scan=scan,
             mask_ratio=float(v.get("mask_ratio", 0.0)),
+            mask=v.get("mask", "random"),
         )
         self.text = TextTransformer(
             vocab_size=t.vocab_size,
@@ -105,11 +106,13 @@ class CLIP(nn.Module):
         max_scale = self.config.get("logit_scale_max", 100.0)
         return jnp.minimum(jnp.exp(self.logit_scale), jnp.float32(max_scale))
 
-    def __call__(self, images: jax.Array, tokens: jax.Array,
-                 train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False,
+                 keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Returns (image_emb, text_emb, logit_scale): unit-norm float32 (n, d) twice and a scalar. ``train=True``
-        masks image patches when ``vision.mask_ratio > 0`` (pass ``rngs={"mask": key}``); the step's student only."""
-        image_emb = l2_normalize(self.vision(images, train=train)) if train else self.encode_image(images)
+        masks image patches when ``vision.mask_ratio > 0`` (pass ``rngs={"mask": key}``); the step's student only.
+        ``keep`` (n, k): the image patches to keep (A-CLIP's attentive mask)."""
+        masked = train or keep is not None
+        image_emb = l2_normalize(self.vision(images, train=train, keep=keep)) if masked else self.encode_image(images)
         return image_emb, self.encode_text(tokens), self.clamped_logit_scale()
 
 
@@ -142,6 +145,10 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         )
     if v.pool not in POOL_TYPES:
         raise ValueError(f"model.vision.pool must be one of {POOL_TYPES}, got {v.pool!r}.")
+    if v.get("mask", "random") not in MASK_TYPES:
+        raise ValueError(f"model.vision.mask must be one of {MASK_TYPES}, got {v.mask!r}.")
+    if v.get("mask", "random") == "attentive" and v.pool != "cls":
+        raise ValueError("model.vision.mask='attentive' reads the [cls] token's attention: it needs pool='cls'.")
     ratio, patches = float(v.get("mask_ratio", 0.0)), (v.image_size // v.patch_size) ** 2
     if not 0.0 <= ratio < 1.0 or int(patches * (1.0 - ratio)) < 1:
         raise ValueError(f"model.vision.mask_ratio={ratio} must be in [0, 1) and keep at least one of the "
@@ -153,3 +160,15 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
             )
     if not 0 <= t.eot_id < t.vocab_size:
         raise ValueError(f"model.text.eot_id ({t.eot_id}) must lie in [0, vocab_size={t.vocab_size}).")
+
+
+def attentive_keep(model: CLIP, params: Any, images: jax.Array, ratio: float) -> jax.Array:
+    """A-CLIP's mask: (n, int(L (1 - ratio))) indices of the patches the [cls] token attends to most, its attention
+    averaged over heads and layers of the image tower run on the full images with ``params`` (a teacher's)."""
+    _, state = model.apply({"params": params}, images, method=model.encode_image, mutable=["intermediates"])
+    found = [x for path, x in jax.tree_util.tree_leaves_with_path(state["intermediates"])
+             if "vision" in jax.tree_util.keystr(path) and "cls_attention" in jax.tree_util.keystr(path)]
+    n, length = images.shape[0], found[0].shape[-1]
+    attention = jnp.concatenate([x.reshape(-1, n, length) for x in found]).mean(axis=0)[:, 1:]
+    keep = int((length - 1) * (1.0 - ratio))
+    return jax.lax.top_k(jax.lax.stop_gradient(attention), keep)[1].astype(jnp.int32)

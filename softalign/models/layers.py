@@ -116,7 +116,10 @@ class MultiHeadSelfAttention(nn.Module):
         logits = matmul.einsum("bhqd,bhkd->bhqk", q, k, self.dtype)  # float32 scores and softmax
         if self.causal:
             logits = jnp.where(causal_mask(length), logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        probs = jax.nn.softmax(logits, axis=-1)
+        # A-CLIP reads token 0's attention, averaged over heads; a no-op unless 'intermediates' is mutable
+        self.sow("intermediates", "cls_attention", jnp.mean(probs[:, :, 0], axis=1))
+        probs = probs.astype(self.dtype)
         out = matmul.einsum("bhqk,bhkd->bhqd", probs, v, self.dtype)
         out = out.transpose(0, 2, 1, 3).reshape(b, length, self.width)
         return Dense(
@@ -233,7 +236,8 @@ class Transformer(nn.Module):
             kwargs = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                           activation=self.activation, causal=self.causal, dtype=self.dtype, depth=self.depth)
             body = nn.remat(_ScannedBlock) if self.remat else _ScannedBlock
-            stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
+            stack = nn.scan(body, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                            length=self.depth)
             x, _ = stack(kwargs, name="resblocks")(x, None)
             return x
         block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock

@@ -50,6 +50,8 @@ def _make(
     # FLIP (docs/method.md): share of image patches the student drops at random in training; 0: none. Never at
     # evaluation, and teachers always embed the full image.
     cfg.vision.mask_ratio = 0.0
+    # 'random' (FLIP) | 'attentive' (A-CLIP: keep the patches the EMA/snapshot teacher's [cls] attends to most)
+    cfg.vision.mask = "random"
 
     cfg.text = ml_collections.ConfigDict()
     cfg.text.vocab_size = vocab_size

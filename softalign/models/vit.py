@@ -14,6 +14,7 @@ from softalign.models.layers import Dense, Transformer, layer_norm
 Dtype = Any
 
 POOL_TYPES = ("cls", "gap")
+MASK_TYPES = ("random", "attentive")  # FLIP's uniform draw; A-CLIP's teacher-attended patches (given as `keep`)
 
 
 def keep_indices(key: jax.Array, n: int, num_patches: int, ratio: float) -> jax.Array:
@@ -71,6 +72,7 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     scan: bool = False
     mask_ratio: float = 0.0  # FLIP: share of patches dropped in training (train=True; needs the 'mask' rng)
+    mask: str = "random"  # 'attentive': no draw here; the caller passes the patches to keep (A-CLIP)
 
     @property
     def grid_size(self) -> int:
@@ -88,9 +90,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"model.vision.mask_ratio={self.mask_ratio} must be in [0, 1) and keep >= 1 patch.")
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False, keep: jax.Array | None = None) -> jax.Array:
         """``train=True`` with ``mask_ratio > 0`` drops patches at random (FLIP), drawing from the 'mask' rng;
-        otherwise (evaluation, teachers) every patch is kept and the code path is exactly the unmasked one."""
+        ``keep`` (n, k) int: keep exactly those patches (A-CLIP). Otherwise (evaluation, teachers) every patch is
+        kept and the code path is exactly the unmasked one."""
         self._check()
         if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
@@ -107,10 +110,11 @@ class VisionTransformer(nn.Module):
             num_tokens += 1
         pos = self.param("pos_embedding", nn.initializers.normal(scale), (num_tokens, self.width), jnp.float32)
         x = x + pos[None]
-        if train and self.mask_ratio > 0:  # after the positions, as FLIP; the [cls] token is always kept
-            lead = 1 if self.pool == "cls" else 0
-            idx = keep_indices(self.make_rng("mask"), n, self.grid_size**2, self.mask_ratio)
-            x = jnp.concatenate([x[:, :lead], gather_patches(x[:, lead:], idx)], axis=1)
+        if keep is not None or (train and self.mask_ratio > 0 and self.mask == "random"):
+            lead = 1 if self.pool == "cls" else 0  # after the positions, as FLIP; the [cls] token is always kept
+            if keep is None:
+                keep = keep_indices(self.make_rng("mask"), n, self.grid_size**2, self.mask_ratio)
+            x = jnp.concatenate([x[:, :lead], gather_patches(x[:, lead:], keep)], axis=1)
 
         x = layer_norm("ln_pre")(x)
         x = Transformer(

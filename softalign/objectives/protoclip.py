@@ -62,7 +62,7 @@ class ProtoCLIP:
 
     def __init__(self, infonce: InfoNCE, mesh: Mesh, *, num_prototypes: int, episode_steps: int, weight: float,
                  temperature: float, scale_init: float):
-        shards = sharding.num_batch_shards(mesh)
+        shards = 1 if mesh is None else sharding.num_batch_shards(mesh)  # config.checks builds without a mesh
         if num_prototypes < 2 or num_prototypes % shards:
             raise ValueError(f"objective.num_prototypes={num_prototypes} must be >= 2 and a multiple of the "
                              f"{shards} data shards (the centroids travel batch-sharded)")
