@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss_chunk_size = 0  # >0: tile the loss's B columns in chunks (O(b*c) memory per device, same gradients)
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=100, min_lr_ratio=0.0, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6, grad_clip=1.0))
+    c.optim.freeze = ()  # towers to lock (LiT): ("vision",) or ("text",); their params never change
 
     # The loss on the embeddings (softalign/objectives/registry.py). 'infonce': CLIP's symmetric InfoNCE, with
     # PSD's soft targets below when psd.alpha_max > 0.
@@ -81,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
         ramp_start=0,
         ramp_end=-1,  # -1: num_steps
         subset_fraction=0.5,  # rho
-        subset_groups=0,  # strata of S; 0: one per data shard (keeps the teacher's forward on local rows)
+        subset_groups=0,  # strata of S; 0: from the batch size alone (soft_targets.resolve_groups), never the mesh
         teacher="ema",  # self | ema | snapshot | memory | oracle (synthetic only: the exact ground truth)
         temperature=1.0,  # tau_d: divides the teacher logits (teacher keeps its own logit scale)
         ema_momentum=0.99,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from softalign.objectives import distill, infonce, oracle, protoclip, siglip, teachers
+from softalign.objectives import distill, infonce, mp_sigmoid, oracle, protoclip, siglip, teachers
 from softalign.objectives.base import Objective, ObjectiveBuilder, ObjectiveContext
 
 OBJECTIVES: dict[str, ObjectiveBuilder] = {
@@ -16,6 +16,7 @@ OBJECTIVES: dict[str, ObjectiveBuilder] = {
     "siglip": siglip.SigLIP.from_context,  # SigLIP's pairwise sigmoid loss, learnable bias; no PSD soft targets
     "protoclip": protoclip.ProtoCLIP.from_context,  # InfoNCE + ProtoCLIP's prototype loss (k-means of the bank)
     "distill": distill.Distill.from_context,  # TinyCLIP's affinity mimicking from a frozen external teacher
+    "multi_positive_sigmoid": mp_sigmoid.MultiPositiveSigmoid.from_context,  # FLAME: K captions per image
 }
 
 TEACHERS: dict[str, Callable[[Any], teachers.Teacher]] = {

@@ -19,6 +19,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from softalign.models.clip import attentive_keep
 from softalign.objectives import registry, soft_targets
 from softalign.objectives.base import LossInputs, Objective, ObjectiveContext
 from softalign.objectives.memory_bank import MEMORY_SEEN
@@ -124,12 +125,18 @@ def make_train_step(
     if mask_ratio > 0 and grad_accum_steps > 1:  # every micro-batch would reuse one mask key
         raise ValueError("model.vision.mask_ratio > 0 does not support grad_accum_steps > 1 yet")
 
-    def student_embed(mask_key):
-        """The student's towers: FLIP's patch masking when mask_ratio > 0 (teachers keep ``embed``, unmasked)."""
+    attentive = mask_ratio > 0 and model.config.vision.get("mask", "random") == "attentive"
+    if attentive and not (use_teacher and teacher.name in ("ema", "snapshot")):
+        raise ValueError("model.vision.mask='attentive' reads the teacher's attention: it needs psd.teacher='ema' "
+                         "or 'snapshot' with soft targets on (psd.alpha_max > 0, psd.subset_fraction > 0)")
+
+    def student_embed(mask_key, keep=None):
+        """The student's towers: FLIP's patch masking when mask_ratio > 0 (teachers keep ``embed``, unmasked);
+        ``keep``: A-CLIP's patches."""
         if mask_ratio <= 0:
             return embed
         return lambda params, images, tokens: model.apply(
-            {"params": split_params(params)[0]}, images, tokens, train=True, rngs={"mask": mask_key})
+            {"params": split_params(params)[0]}, images, tokens, train=True, keep=keep, rngs={"mask": mask_key})
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)
@@ -140,7 +147,11 @@ def make_train_step(
         if not use_teacher:
             subset_mask = jnp.zeros_like(subset_mask)
         # its own stream, folded from the step key: the subset S above is the same with and without masking
-        student = student_embed(jax.random.fold_in(key, MASK_KEY_SALT) if mask_ratio > 0 else None)
+        keep = None
+        if attentive:  # A-CLIP: the patches the teacher's [cls] attends to most, on the full images
+            keep = attentive_keep(model, split_params(jax.lax.stop_gradient(teacher_state["params"]))[0],
+                                  batch["image"], mask_ratio)
+        student = student_embed(jax.random.fold_in(key, MASK_KEY_SALT) if mask_ratio > 0 else None, keep)
 
         def loss_of_embeddings(img, txt, scale, objective_params):
             t = targets
