@@ -55,6 +55,13 @@ def test_shard_paths(tmp_path):
         registry.shard_paths("", "train", ext)
     cfg = {"train_split": "tr", "heldout_split": "dev"}
     assert [registry.resolve_split(cfg, s) for s in ("train", "heldout", "test")] == ["tr", "dev", "test"]
+    unsplit = tmp_path / "unsplit"  # shards without a train- prefix: all of them train, except a held-out split's
+    unsplit.mkdir()
+    for name in ("shard-0.tar", "shard-1.tar", "val-00000.tar", "test-00000.tar"):
+        (unsplit / name).write_bytes(b"")
+    assert [os.path.basename(p) for p in registry.shard_paths(str(unsplit), "train", ".tar", train=True)] == [
+        "shard-0.tar", "shard-1.tar"]
+    assert [os.path.basename(p) for p in registry.shard_paths(str(unsplit), "val", ".tar")] == ["val-00000.tar"]
 
 
 def test_folder_flickr_csv_token_file_and_coco(tmp_path):

@@ -22,6 +22,8 @@ class Source(Protocol):
 
 
 SourceBuilder = Callable[[Any, str], Source]
+# Shard names that belong to an evaluation split: the train split's "every shard" fallback leaves them out.
+EVAL_SPLIT_PREFIXES = ("val-", "valid-", "validation-", "test-", "heldout-", "dev-")
 _BUILDERS: dict[str, SourceBuilder] = {}
 
 
@@ -66,8 +68,9 @@ def shard_paths(pattern: str, split: str, extension: str, *, train: bool = False
             found = sorted(glob.glob(os.path.join(part, f"{split}-*{extension}")))
             if not found and os.path.isdir(os.path.join(part, split)):
                 found = sorted(glob.glob(os.path.join(part, split, f"*{extension}")))
-            if not found and train:
-                found = sorted(glob.glob(os.path.join(part, f"*{extension}")))
+            if not found and train:  # unsplit shards; never the ones named for an evaluation split
+                found = sorted(f for f in glob.glob(os.path.join(part, f"*{extension}"))
+                               if not os.path.basename(f).startswith(EVAL_SPLIT_PREFIXES))
             files.extend(found)
         elif any(ch in part for ch in "*?["):
             files.extend(sorted(glob.glob(part)))
