@@ -82,16 +82,12 @@ def shortcut_evals(cifar10_dir: str = "", flickr8k_dir: str = "", flickr8k_split
 def select_evals(config: Any, *, extra: Optional[dict[str, Any]] = None, only: Optional[list[str]] = None,
                  include_config: bool = True) -> dict[str, Any]:
     """config.evals (unless not `include_config`) updated with `extra`, restricted to `only` when given."""
-    evals: dict[str, Any] = dict(config.evals.to_dict()) if include_config else {}
-    evals.update(extra or {})
-    if only:
-        unknown = sorted(set(only) - set(evals))
-        if unknown:
-            raise EvaluateError(f"--only names unknown evaluators {unknown}; known: {sorted(evals)}")
-        evals = {k: v for k, v in evals.items() if k in only}
-    if not evals:
-        raise EvaluateError("no evaluators to run (config.evals is empty and no extra ones were given)")
-    return evals
+    from softalign.evaluation import suites
+
+    try:
+        return suites.select_evals(config, extra, only, include_config)
+    except ValueError as e:
+        raise EvaluateError(str(e)) from None
 
 
 def progress_bar(label: str) -> Callable[[int, int], None]:

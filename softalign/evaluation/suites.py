@@ -14,7 +14,7 @@ metric results file.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 SUITES = {
     "synthetic": "held-out retrieval and zero-shot colour/shape/size/position on the synthetic scenes",
@@ -85,3 +85,19 @@ def describe(name: str, options: Any) -> tuple[str, str]:
             label = f"synthetic_{spec.get('attribute') or spec.get('split') or 'heldout'}"
         return task, str(label)
     return task, str(options.get("split") or name)
+
+
+def select_evals(config: Any, extra: Optional[dict[str, Any]] = None, only: Optional[list[str]] = None,
+                 include_config: bool = True) -> dict[str, Any]:
+    """``config.evals`` (unless not ``include_config``) updated with ``extra`` (name -> options), restricted to
+    ``only``; ValueError when none is left or ``only`` names an unknown evaluator."""
+    evals: dict[str, Any] = dict(config.evals.to_dict()) if include_config else {}
+    evals.update(extra or {})
+    if only:
+        unknown = sorted(set(only) - set(evals))
+        if unknown:
+            raise ValueError(f"--only names unknown evaluators {unknown}; known: {sorted(evals)}")
+        evals = {k: v for k, v in evals.items() if k in only}
+    if not evals:
+        raise ValueError("no evaluators to run (config.evals is empty and no extra ones were given)")
+    return evals

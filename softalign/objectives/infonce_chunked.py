@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from softalign.parallel.ring import ring
+
 _NEG = -1e30  # finite "minus infinity" for running maxima, so exp(m_old - m_new) never sees inf - inf
 
 
@@ -65,16 +67,6 @@ def _block_xs(keys, tkeys, tvalid, chunk, col0):
     return k_chunks, real, cols + col0, tk_chunks, tv
 
 
-def _ring(axis, size):
-    """(rotate, owner_offset): pass a block to the next device; whose block a device holds after r hops."""
-    if size == 1:
-        return (lambda x: x), (lambda r, rows: r * 0)
-    perm = [(i, (i + 1) % size) for i in range(size)]
-    rotate = lambda x: jax.lax.ppermute(x, axis, perm)
-    me = jax.lax.axis_index(axis)
-    return rotate, (lambda r, rows: ((me - r) % size) * rows)
-
-
 def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alpha, tau, chunk, use_self, axis,
              size):
     zeros = q[:, 0] * 0  # derived from q so that, inside shard_map, the scan carry varies over devices like q
@@ -101,7 +93,7 @@ def _forward(q, keys, scale, labels, rows_in_s, tq, tkeys, t_scale, tvalid, alph
                    wt=c["wt"] * rescale + (w * tfin).sum(axis=1))
         return new, None
 
-    rotate, offset = _ring(axis, size)
+    rotate, offset = ring(axis, size)
 
     def hop(state, r):  # one ring step: this block's chunks, then pass the block on
         carry, blocks = state
@@ -160,7 +152,7 @@ def _bwd(tau, chunk, use_self, axis, size, res, g):
         ds = ds + jnp.sum(grad_logits * jnp.where(jnp.isfinite(logits), logits, 0.0)) / scale
         return (dq, ds), dk
 
-    rotate, offset = _ring(axis, size)
+    rotate, offset = ring(axis, size)
 
     def hop(state, r):  # N hops bring every block, with its accumulated key gradient, back to its owner
         carry, (k, tk, tv, dk_acc) = state

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from softalign.parallel.ring import ring
+
 
 class SigmoidSums(NamedTuple):
     """Sums over one device's rows; ``psum``-ed over the mesh. Only ``loss`` carries gradients."""
@@ -56,16 +58,6 @@ def _block_xs(keys, chunk, col0):
     return (_chunks(keys, chunk, 0), _chunks(cols < rows, chunk, False), _chunks(cols + col0, chunk, -1))
 
 
-def _ring(axis, size):
-    """(rotate, owner_offset): pass a block to the next device; whose block a device holds after r hops."""
-    if size == 1:
-        return (lambda x: x), (lambda r, rows: r * 0)
-    perm = [(i, (i + 1) % size) for i in range(size)]
-    rotate = lambda x: jax.lax.ppermute(x, axis, perm)
-    me = jax.lax.axis_index(axis)
-    return rotate, (lambda r, rows: ((me - r) % size) * rows)
-
-
 def _forward(q, keys, scale, bias, labels, chunk, axis, size):
     rows = keys.shape[0]
     chunk = min(chunk, rows)  # a chunk wider than the block would only add padding
@@ -90,7 +82,7 @@ def _forward(q, keys, scale, bias, labels, chunk, axis, size):
                    arg=jnp.where(row_wins, row_arg, c["arg"]))
         return new, (jnp.where(col_wins, cmax, col_best), jnp.where(col_wins, carg, col_arg))
 
-    rotate, offset = _ring(axis, size)
+    rotate, offset = ring(axis, size)
 
     def hop(state, r):  # one ring step: this block's chunks, then pass the block (and its column argmax) on
         c, (k, col_best, col_arg) = state
@@ -137,7 +129,7 @@ def _bwd(chunk, axis, size, res, g):
         dq = dq + scale * grad_x @ k
         return (dq, ds + jnp.sum(grad_x * dots), db + grad_x.sum()), scale * grad_x.T @ q
 
-    rotate, offset = _ring(axis, size)
+    rotate, offset = ring(axis, size)
 
     def hop(state, r):  # N hops bring every block, with its accumulated key gradient, back to its owner
         carry, (k, dk_acc) = state

@@ -1,9 +1,9 @@
 """What the tool commands share: lazy flag definition (so the tool modules import side by side, e.g. in tests) and
-the choice of evaluators, without importing `softalign.cli.evaluate` (whose flags would clash with theirs)."""
+one-line flag errors (the choice of evaluators is `softalign.evaluation.suites.select_evals`)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable
 
 
 def run_tool(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:
@@ -16,17 +16,3 @@ def run_tool(main: Callable[[list[str]], None], define_flags: Callable[[], None]
     app.run(main, flags_parser=common.parse_flags)
 
 
-def select_evals(config: Any, extra: Optional[dict[str, Any]] = None, only: Optional[list[str]] = None
-                 ) -> dict[str, Any]:
-    """``config.evals`` updated with `extra` (name -> options), restricted to `only`; ValueError when none is left
-    or `only` names an unknown one."""
-    evals = dict(config.evals.to_dict())
-    evals.update(extra or {})
-    if only:
-        unknown = sorted(set(only) - set(evals))
-        if unknown:
-            raise ValueError(f"--only names unknown evaluators {unknown}; known: {sorted(evals)}")
-        evals = {k: v for k, v in evals.items() if k in only}
-    if not evals:
-        raise ValueError("no evaluators to run (config.evals is empty and no extra ones were given)")
-    return evals

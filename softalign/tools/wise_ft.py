@@ -152,7 +152,7 @@ def write_report(rows: list[dict[str, Any]], output_dir: str, reference: str = "
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from softalign.tools.common import select_evals
+    from softalign.evaluation.suites import select_evals
 
     try:
         alphas = [float(a) for a in FLAGS.alphas]
