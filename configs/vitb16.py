@@ -28,7 +28,7 @@ def get_config(arch: str = "ViT-B/16"):
     c.data.train_size = 10_000_000
     c.data.crop_scale = (0.9, 1.0)
     c.data.num_threads = 16
-    c.tokenizer.path = ""  # CLIP's tokenizer.json: python -m softalign.data.clip_bpe --output=clip_tokenizer.json
+    c.tokenizer.path = ""  # CLIP's tokenizer.json: python -m softalign.interop.clip_bpe --output=clip_tokenizer.json
     c.batch_size = 4096
     c.eval_batch_size = 1024
     c.num_steps = 78_000

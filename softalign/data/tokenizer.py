@@ -3,7 +3,7 @@
 Rows are ``[sot] + tokens + [eot]`` padded with ``pad_id``; over-long captions are cut so the last position
 holds ``eot`` (the text tower pools there). Works with any tokenizer.json (e.g. CLIP's own, whose specials are
 ``<|startoftext|>``/``<|endoftext|>`` and which has no pad: pad id 0) or with a byte-level BPE trained here.
-CLIP's tokenizer.json, matching ``open_clip.tokenize``: ``python -m softalign.data.clip_bpe --output=FILE``.
+CLIP's tokenizer.json, matching ``open_clip.tokenize``: ``python -m softalign.interop.clip_bpe --output=FILE``.
 
 CLI: ``python -m softalign.data.tokenizer --captions=FILE --vocab_size=N --output=tokenizer.json``
 (FILE: one caption per line, or a CSV/TSV -- also a .txt whose first line is a header -- with a 'caption' column),

@@ -14,8 +14,8 @@ nested deeper than ``&amp;amp;...``, ligature and full-width folding (``ﬁ``, `
 character). A literal ``<start_of_text>``/``<end_of_text>`` in a caption becomes that special id in open_clip but
 stays plain text here. Ordinary captions tokenize identically; tests/test_convert.py checks a varied set.
 
-    python -m softalign.data.clip_bpe --output=clip_tokenizer.json    # merges from the installed open_clip
-    python -m softalign.data.clip_bpe --merges=bpe_simple_vocab_16e6.txt.gz --output=clip_tokenizer.json
+    python -m softalign.interop.clip_bpe --output=clip_tokenizer.json    # merges from the installed open_clip
+    python -m softalign.interop.clip_bpe --merges=bpe_simple_vocab_16e6.txt.gz --output=clip_tokenizer.json
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def build_clip_tokenizer(merges_path: str | None = None) -> tokenizers.Tokenizer
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Writes CLIP's tokenizer.json and prints its special ids."""
-    parser = argparse.ArgumentParser(prog="python -m softalign.data.clip_bpe", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m softalign.interop.clip_bpe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--merges", default=None, help=f"CLIP's {MERGES_FILE} (default: the one in open_clip)")
     parser.add_argument("--output", required=True, help="where to write tokenizer.json")
