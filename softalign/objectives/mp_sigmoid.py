@@ -12,14 +12,13 @@ The bias is the objective's own leaf (``objective.siglip_bias_init``). Unchunked
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from softalign.objectives.base import LossInputs, ObjectiveContext
+from softalign.objectives.base import LossInputs
+from softalign.objectives.siglip import SigLIP
 from softalign.parallel.sharding import BATCH_AXES
 
 
@@ -57,26 +56,16 @@ def multi_positive_sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, scale
                   "pos_logit": pos / texts, "i2t_acc": correct / batch, "facets": jnp.asarray(facets, dtype)}
 
 
-class MultiPositiveSigmoid:
+class MultiPositiveSigmoid(SigLIP):
     """``objective.name="multi_positive_sigmoid"``: :func:`multi_positive_sigmoid_loss` with a learnable bias."""
 
     name = "multi_positive_sigmoid"
     supports_soft_targets = False
 
     def __init__(self, mesh: Mesh | None, *, bias_init: float = -10.0, chunk_size: int = 0):
-        if not math.isfinite(bias_init):
-            raise ValueError(f"objective.siglip_bias_init={bias_init} must be finite")
         if chunk_size:
             raise ValueError("objective.name='multi_positive_sigmoid' has no chunked form: set loss_chunk_size=0")
-        self.mesh, self.bias_init = mesh, float(bias_init)
-
-    @classmethod
-    def from_context(cls, context: ObjectiveContext) -> "MultiPositiveSigmoid":
-        c = context.config
-        return cls(context.mesh, bias_init=c.objective.get("siglip_bias_init", -10.0), chunk_size=c.loss_chunk_size)
-
-    def init_params(self) -> dict[str, jax.Array]:
-        return {"bias": jnp.asarray(self.bias_init, jnp.float32)}
+        super().__init__(mesh, bias_init=bias_init)
 
     def __call__(self, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         return multi_positive_sigmoid_loss(inputs.image_emb, inputs.text_emb, inputs.scale, inputs.params["bias"],
