@@ -1,6 +1,6 @@
 """Train-step time with FLIP's patch masking (``model.vision.mask_ratio``) against the unmasked step.
 
-Builds the jitted train step of a config (default: the demo, PSD with its EMA teacher) for each mask ratio, plus
+Builds the jitted train step of a config (default: the demo, PSD with the EMA teacher) for each mask ratio, plus
 the one-hot-einsum form of the patch gather at the middle ratio (``--gathers``), compiles them all, then runs
 ``--rounds`` rounds in which every variant runs ``--steps-per-round`` steps in turn (order rotated each round).
 Each variant's time is taken relative to the unmasked step of the same round; the table gives the medians.
@@ -54,6 +54,7 @@ def build(ratio: float, gather, batch_size: int, seed: int):
     """A compiled step, its state and a batch for one variant."""
     c = demo_config()
     c.batch_size = batch_size
+    c.psd.teacher = "ema"  # a teacher forward to mask too; the memory teacher would need its host bank here
     c.model.vision.mask_ratio = ratio
     c.model.text.update(vocab_size=1024, eot_id=2)
     vit.gather_patches = gather  # read when the step is traced, below

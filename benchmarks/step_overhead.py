@@ -5,6 +5,9 @@ For each model it builds and compiles four jitted functions on the same mesh and
 * ``CLIP``       psd.alpha_max = 0: InfoNCE only, no teacher forward (teacher 'self', so no teacher state either);
 * ``PSD(self)``  teacher 'self', alpha_max 0.5, temperature 0.5, subset_fraction 0.5;
 * ``PSD(ema)``   teacher 'ema',  alpha_max 0.5, subset_fraction rho (``--rho``);
+* ``PSD(memory)`` teacher 'memory' (no extra forward), alpha_max 0.5, subset_fraction rho: each call also does
+  what the train loop does around the step, the host bank's lookup for the batch and the write-back of the
+  previous step's embeddings (``MemoryBank.lookup`` / ``stage``), with every row already seen (the steady state);
 * ``forward``    the model's forward pass on the full batch (``model.apply`` -> embeddings), no gradients;
 
 then runs rounds in which each of them runs ``--steps-per-round`` calls in turn (the order rotates every round),
@@ -13,7 +16,8 @@ ratio is taken within a round and the table reports the median over rounds.
 
 Targets printed beside the results:
 
-* PSD(self)/CLIP <= 1.02 (the self teacher reuses the student's logits: no extra forward);
+* PSD(self)/CLIP <= 1.02 and PSD(memory)/CLIP <= 1.02 (no extra forward: the self teacher reuses the student's
+  logits, the memory teacher the embeddings stored at each record's last visit);
 * PSD(ema)/CLIP  <= 1 + rho * forward_share + 0.02, where forward_share = forward time / CLIP step time
   (the EMA teacher embeds only the subset S of about rho * B rows).
 
@@ -44,10 +48,10 @@ import numpy as np  # noqa: E402
 
 from softalign.config import schema
 from softalign.models import build_model, model_preset  # noqa: E402
-from softalign.objectives.teachers import make_teacher  # noqa: E402
+from softalign.objectives import memory_bank  # noqa: E402
 from softalign.parallel import sharding  # noqa: E402
 from softalign.training.optim import make_optimizer  # noqa: E402
-from softalign.training.step import create_state, jit_train_step, make_train_step  # noqa: E402
+from softalign.training.step import build_train_step, create_state, jit_train_step  # noqa: E402
 
 MODELS = ("demo", "vitb16")
 # Per-model defaults for --rounds / --steps-per-round (the B/16 step takes seconds on 2 CPU cores).
@@ -56,7 +60,8 @@ DEFAULT_STEPS = {"demo": 3, "vitb16": 2}
 SELF_TARGET = 1.02
 SLACK = 0.02
 
-CLIP, SELF, EMA, FORWARD = "CLIP", "PSD(self)", "PSD(ema)", "forward"
+CLIP, SELF, EMA, MEMORY, FORWARD = "CLIP", "PSD(self)", "PSD(ema)", "PSD(memory)", "forward"
+DEFAULT_TEACHER = schema.base_config().psd.teacher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,6 +125,8 @@ def variant_psd(base: Any, variant: str, rho: float) -> Any:
         psd.update(teacher="self", alpha_max=0.5, temperature=0.5, subset_fraction=0.5)
     elif variant == EMA:
         psd.update(teacher="ema", alpha_max=0.5, subset_fraction=rho)
+    elif variant == MEMORY:
+        psd.update(teacher="memory", alpha_max=0.5, subset_fraction=rho)
     else:
         raise ValueError(variant)
     return psd
@@ -167,9 +174,18 @@ def build_variants(c: Any, batch: int, args: argparse.Namespace) -> dict[str, Va
 
     variants: dict[str, Variant] = {}
     holders: dict[str, dict[str, Any]] = {}  # the live (donated and re-threaded) state of each step variant
-    for name in (CLIP, SELF, EMA):
-        psd_cfg = variant_psd(c, name, args.rho)
-        teacher = make_teacher(psd_cfg)
+    for name in (CLIP, SELF, EMA, MEMORY):
+        cv = c.copy_and_resolve_references()
+        cv.psd = variant_psd(c, name, args.rho)
+        step_fn, teacher, _ = build_train_step(cv, model=model, mesh=mesh, tx=tx, lr_schedule=lr_schedule)
+        bank = None
+        if teacher.host_memory:  # a bank of `batch` records, all seen, as after the first epoch
+            bank = memory_bank.MemoryBank(batch, c.model.embed_dim, cv.psd.memory_dtype)
+            bank.write(np.arange(batch), rng.normal(size=(batch, c.model.embed_dim)),
+                       rng.normal(size=(batch, c.model.embed_dim)), 0)
+        index = np.arange(batch, dtype=np.int32)
+        step_batch = dev_batch if bank is None else jax.device_put(
+            {**host_batch, "index": index, **bank.lookup(index)}, batch_s)
 
         def init_state(teacher=teacher):
             params = model.init(jax.random.key(c.seed), init_images, init_tokens)["params"]
@@ -177,18 +193,21 @@ def build_variants(c: Any, batch: int, args: argparse.Namespace) -> dict[str, Va
 
         shardings = sharding.state_sharding(mesh, jax.eval_shape(init_state))
         state = jax.jit(init_state, out_shardings=shardings)()
-        step_fn = make_train_step(model=model, tx=tx, lr_schedule=lr_schedule, teacher=teacher, psd_config=psd_cfg,
-                                  num_steps=c.num_steps, mesh=mesh, batch_size=batch)
         jitted = jit_train_step(step_fn, mesh, shardings)
         t0 = time.perf_counter()
-        compiled = jitted.lower(state, dev_batch).compile()
+        compiled = jitted.lower(state, step_batch).compile()
         compile_s = time.perf_counter() - t0
         holder = {"state": state}
         holders[name] = holder
 
-        def call(compiled=compiled, holder=holder):
-            new_state, metrics = compiled(holder["state"], dev_batch)  # the old state is donated
+        def call(compiled=compiled, holder=holder, bank=bank, step_batch=step_batch):
+            if bank is not None:  # the loop's host work: look the rows up, put them on the device
+                step_batch = jax.device_put({**host_batch, "index": index, **bank.lookup(index)}, batch_s)
+            new_state, metrics, host = compiled(holder["state"], step_batch)  # the old state is donated
             holder["state"] = new_state
+            if bank is not None:  # write back the previous call's embeddings, keep this one's pending
+                bank.stage(host, int(holder.setdefault("step", 1)) + 1)
+                holder["step"] += 1
             jax.block_until_ready((new_state, metrics))
 
         variants[name] = Variant(name, call, compile_s, _temp_bytes(compiled))
@@ -266,13 +285,13 @@ def markdown(results: list[Result]) -> str:
     for res in results:
         share = res.median_ratio(FORWARD)
         ema_target = 1.0 + res.rho * share + SLACK
-        for name in (CLIP, SELF, EMA, FORWARD):
+        for name in (CLIP, SELF, EMA, MEMORY, FORWARD):
             v = res.variants[name]
             t = res.median_time(name)
             ratio = res.median_ratio(name)
             lo, hi = res.spread(name)
             ratio_s = "1" if name == CLIP else f"{ratio:.4f} ({lo:.3f}-{hi:.3f})"
-            if name == SELF:
+            if name in (SELF, MEMORY):
                 target, met = f"<= {SELF_TARGET:.2f}", "yes" if ratio <= SELF_TARGET else "no"
             elif name == EMA:
                 target = f"<= 1 + {res.rho:g} x {share:.4f} + {SLACK:.2f} = {ema_target:.4f}"
@@ -281,7 +300,10 @@ def markdown(results: list[Result]) -> str:
                 target, met = "(= forward share)", ""
             else:
                 target, met = "", ""
-            label = {EMA: f"PSD(ema, rho={res.rho:g})", FORWARD: "forward only"}.get(name, name)
+            label = {EMA: f"PSD(ema, rho={res.rho:g})", MEMORY: f"PSD(memory, rho={res.rho:g})",
+                     FORWARD: "forward only"}.get(name, name)
+            if name == f"PSD({DEFAULT_TEACHER})" or (name == EMA and DEFAULT_TEACHER == "ema"):
+                label += " (default)"
             temp = "n/a" if v.temp_bytes < 0 else f"{v.temp_bytes / 2**20:.1f}"
             rows.append(f"| {res.label} | {res.batch} | {label} | {1e3 * t:.1f} | {res.batch / t:.1f} | {ratio_s} "
                         f"| {target} | {met} | {v.compile_s:.1f} | {temp} |")
@@ -300,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         c, batch, label = model_config(name, args)
         rounds = args.rounds or DEFAULT_ROUNDS[name]
         steps = args.steps_per_round or DEFAULT_STEPS[name]
-        print(f"[{label}] batch {batch}: building and compiling 3 steps + forward ...", file=sys.stderr, flush=True)
+        print(f"[{label}] batch {batch}: building and compiling 4 steps + forward ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         variants = build_variants(c, batch, args)
         print(f"[{label}] built in {time.perf_counter() - t0:.1f} s; {rounds} rounds x {steps} calls each",

@@ -4,8 +4,9 @@
     python benchmarks/throughput.py --model=demo --batch=128 --image_size=32 --patch_size=8   # on a CPU
 
 MFU = (FLOPs of one compiled step, from XLA's cost analysis) x steps/s / (measured peak FLOP/s of a large matmul in
-the same dtype with f32 accumulation). The PSD variant (EMA teacher, rho = 0.5) runs interleaved with plain CLIP
-so their ratio is taken side by side.
+the same dtype with f32 accumulation). The PSD variants (the EMA teacher and the default memory teacher, rho = 0.5)
+run interleaved with plain CLIP so their ratios are taken side by side. The memory teacher's bank rows are fixed
+arrays in the batch here (all rows seen); ``benchmarks/step_overhead.py`` also times the host lookup and write-back.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import numpy as np  # noqa: E402
 
 from softalign.config import schema
 from softalign.models import build_model, model_preset  # noqa: E402
-from softalign.objectives.teachers import make_teacher  # noqa: E402
+from softalign.objectives import memory_bank  # noqa: E402
 from softalign.parallel import sharding  # noqa: E402
 from softalign.training.optim import make_optimizer  # noqa: E402
-from softalign.training.step import create_state, jit_train_step, make_train_step  # noqa: E402
+from softalign.training.step import build_train_step, create_state, jit_train_step  # noqa: E402
 
 
 def matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
@@ -56,19 +57,23 @@ def build(args, teacher: str, alpha: float):
     c.psd.update(teacher=teacher, alpha_max=alpha, subset_fraction=0.5, ramp="constant")
     mesh = sharding.make_mesh()
     model = build_model(c.model)
-    tx, lr = make_optimizer(c.optim, 1000)
-    teach = make_teacher(c.psd)
+    c.batch_size, c.num_steps = args.batch, 1000
+    tx, lr = make_optimizer(c.optim, c.num_steps)
+    fn, teach, _ = build_train_step(c, model=model, mesh=mesh, tx=tx, lr_schedule=lr)
     size, ctx, vocab = c.model.vision.image_size, c.model.text.context_length, c.model.text.vocab_size
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, vocab - 1, (args.batch, ctx)).astype(np.int32)
     tokens[:, -1] = vocab - 1
     batch = {"image": rng.normal(size=(args.batch, size, size, 3)).astype(np.float32), "tokens": tokens,
              "index": np.arange(args.batch, dtype=np.int32)}
+    if teach.host_memory:  # the bank's rows for this batch, as the train loop adds them
+        dim = c.model.embed_dim
+        batch.update({memory_bank.MEMORY_IMAGE: rng.normal(size=(args.batch, dim)).astype(np.float32),
+                      memory_bank.MEMORY_TEXT: rng.normal(size=(args.batch, dim)).astype(np.float32),
+                      memory_bank.MEMORY_SEEN: np.ones((args.batch,), bool)})
     params = jax.jit(model.init)(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])["params"]
     state = create_state(params, tx, teach, 0)
     shardings = sharding.state_sharding(mesh, state)
-    fn = make_train_step(model=model, tx=tx, lr_schedule=lr, teacher=teach, psd_config=c.psd, num_steps=1000,
-                         mesh=mesh, batch_size=args.batch)
     step = jit_train_step(fn, mesh, shardings)
     state = jax.device_put(state, shardings)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
@@ -94,15 +99,16 @@ def main() -> None:
     p.add_argument("--peak_size", type=int, default=8192)
     args = p.parse_args()
     peak = matmul_peak("bfloat16" if args.dtype == "bfloat16" else "float32", args.peak_size)
-    variants = {"CLIP": build(args, "self", 0.0), "PSD(ema)": build(args, "ema", 0.5)}
+    variants = {"CLIP": build(args, "self", 0.0), "PSD(ema)": build(args, "ema", 0.5),
+                "PSD(memory)": build(args, "memory", 0.5)}
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
         for name, v in variants.items():
-            v["state"], m = v["step"](v["state"], v["batch"])  # warm / settle
+            v["state"], m, _ = v["step"](v["state"], v["batch"])  # warm / settle
             jax.block_until_ready(m)
             t = time.perf_counter()
             for _ in range(args.steps):
-                v["state"], m = v["step"](v["state"], v["batch"])
+                v["state"], m, _ = v["step"](v["state"], v["batch"])
             jax.block_until_ready(m)
             times[name].append((time.perf_counter() - t) / args.steps)
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, {args.model}, batch {args.batch}, {args.dtype}; "

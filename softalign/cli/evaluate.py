@@ -297,6 +297,7 @@ def main(argv: list[str]) -> None:
     from softalign.training.setup import MissingTokenizerError
 
     common.setup_logging()
+    common.configure_xla_cpu("auto")  # the runs' dtype is read later; 'auto' is every preset's default
     try:
         workdirs = list(FLAGS.workdirs) or ([FLAGS.workdir] if FLAGS.workdir else [])
         if not workdirs:

@@ -41,6 +41,7 @@ def _train(stop_flag) -> None:
     """Trains; each expected failure ends in one line on stderr: 2 config, 3 non-finite, 4 checkpoint save."""
     common.setup_logging()  # before the imports: their libraries' start-up chatter is filtered too
     common.quiet_async_write_noise()
+    common.configure_xla_cpu(FLAGS.config.model.dtype)  # before JAX's CPU backend starts
     from softalign.config.errors import ConfigError  # after flag parsing: keeps --help fast
     from softalign.parallel import distributed
     from softalign.training import checkpointing, train

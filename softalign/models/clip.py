@@ -2,7 +2,8 @@
 
 Why linen: its parameters are one plain nested-dict pytree, which the jitted train step, the sharding rules
 and Orbax checkpoints handle directly, with no module-state objects to split or merge.
-Parameters stay float32; `model.dtype` ('float32' | 'bfloat16') only sets the matmul compute dtype.
+Parameters stay float32; `model.dtype` ('auto' | 'float32' | 'bfloat16'; softalign.models.precision) only sets
+the matmul compute dtype.
 Outputs are always float32.
 """
 
@@ -17,17 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from softalign.models.layers import get_activation
+from softalign.models.precision import compute_dtype
 from softalign.models.text import TextTransformer
 from softalign.models.vit import MASK_TYPES, POOL_TYPES, VisionTransformer
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def compute_dtype(name: str) -> Any:
-    """Map a config dtype name to a jnp dtype; only 'float32' and 'bfloat16' are supported."""
-    if name not in _DTYPES:
-        raise ValueError(f"Unknown model dtype {name!r}; expected one of {sorted(_DTYPES)}.")
-    return _DTYPES[name]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

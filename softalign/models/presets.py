@@ -32,10 +32,11 @@ def _make(
     cfg = ml_collections.ConfigDict()
     cfg.embed_dim = embed_dim
     cfg.activation = "gelu"
-    # Matmul inputs in bfloat16, products accumulated in float32 (params, LayerNorm, softmax stay float32): twice
-    # the float32 matmul rate on TPU, GPU and CPUs with AVX512-BF16/AMX (docs/performance.md). 'float32' for exact
-    # comparisons, e.g. with open_clip's float32 outputs.
-    cfg.dtype = "bfloat16"
+    # Matmul inputs: 'auto' is bfloat16 (products accumulated in float32; params, LayerNorm, softmax stay float32)
+    # on TPU, GPU and CPUs with AVX512-BF16/AMX/ARM BF16, where it runs at twice the float32 rate, and float32 on
+    # CPUs without bf16 instructions, where bf16 is emulated and slower (softalign/models/precision.py,
+    # docs/performance.md). 'float32' for exact comparisons, e.g. with open_clip's float32 outputs.
+    cfg.dtype = "auto"
     cfg.logit_scale_init = 1.0 / 0.07
     cfg.logit_scale_max = 100.0
     cfg.remat = False

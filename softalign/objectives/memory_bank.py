@@ -25,6 +25,7 @@ next finiteness check, before any checkpoint could include them.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -39,6 +40,26 @@ MEMORY_IMAGE, MEMORY_TEXT, MEMORY_SEEN = "memory_image", "memory_text", "memory_
 def bank_nbytes(size: int, dim: int, dtype: str) -> int:
     """Host bytes of a bank of ``size`` records and ``dim``-wide embeddings: two embeddings plus an int32 step."""
     return int(size) * (2 * int(dim) * np.dtype(DTYPES[dtype]).itemsize + 4)
+
+
+def host_ram_bytes() -> int:
+    """This host's physical RAM (0 where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_fits(size: int, dim: int, dtype: str, ram: int | None = None, fraction: float = 0.4) -> None:
+    """Refuses a bank that, doubled while a checkpoint is saved, would take more than ``fraction`` of host RAM:
+    a clear error at start-up instead of an out-of-memory kill hours in. Says what to change."""
+    ram = host_ram_bytes() if ram is None else ram
+    need = bank_nbytes(size, dim, dtype)
+    if ram > 0 and 2 * need > fraction * ram:
+        raise MemoryError(
+            f"the memory teacher's host bank needs {need / 2**30:.1f} GiB per process ({size} records x 2 x {dim} "
+            f"{dtype}), twice that while a checkpoint is saved, on a host with {ram / 2**30:.1f} GiB. Set "
+            "psd.memory_dtype='float16' (half), or psd.teacher='ema' (no bank; an extra forward on rho*B rows).")
 
 
 class MemoryBank:

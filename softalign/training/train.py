@@ -24,7 +24,7 @@ from softalign.data import pipeline
 from softalign.data.sources import build_source
 from softalign.data.tokenizer import Tokenizer
 from softalign.evaluation import suite
-from softalign.models import CLIP, build_model, example_inputs
+from softalign.models import CLIP, build_model, example_inputs, precision
 from softalign.objectives import memory_bank, prototypes, registry
 from softalign.parallel import sharding
 from softalign.training import checkpointing, elastic, external_teacher, setup, signals, writers
@@ -159,6 +159,7 @@ class _MemoryHook:
         if not registry.make_teacher(config.psd).host_memory:
             return
         size = len(build_source(config.data, "train"))  # batch['index'] is the record's index in the train split
+        memory_bank.check_fits(size, config.model.embed_dim, config.psd.memory_dtype)
         self.bank = memory_bank.MemoryBank(size, config.model.embed_dim, config.psd.memory_dtype)
         print(self.bank.describe(), flush=True)
         logging.info("%s", self.bank.describe())
@@ -227,6 +228,13 @@ def _stopped_early(stop_flag: signals.StopFlag, where: str) -> bool:
     return True
 
 
+def _log_precision(name: str) -> None:
+    """Says which matmul dtype 'auto' became on this machine (bfloat16 needs native bf16 on a CPU)."""
+    line = f"Matmul compute dtype: {precision.resolve_dtype_name(name)} (model.dtype={name!r}, {jax.default_backend()})"
+    print(line, flush=True)
+    logging.info("%s", line)
+
+
 def _restore(run: Run, ckpt: checkpointing.Checkpointer, data_iter: Any) -> tuple[TrainState, bool]:
     """The latest checkpoint (on any mesh or process count) or the fresh state; says what it restored, and in one
     more line when the checkpoint was written on another topology."""
@@ -259,6 +267,7 @@ def _train(config: Any, workdir: str, stop_flag: signals.StopFlag, started: floa
     if _stopped_early(stop_flag, "while the run was being built"):
         return {}
     config = run.config
+    _log_precision(config.model.dtype)
     writer = writers.create_writers(workdir, just_logging=jax.process_index() != 0)
     evaluators = suite.build_evaluators(config, run.tokenizer, sharding.batch_sharding(run.mesh))
     data_iter = pipeline.make_train_iterator(
