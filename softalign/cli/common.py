@@ -10,12 +10,11 @@ from absl import flags, logging
 
 
 def configure_xla_cpu(dtype_name: str) -> None:
-    """The XLA:CPU flags measured faster for this matmul dtype (``models.precision.configure_xla_cpu``), logged."""
+    """The XLA:CPU flags measured faster for this matmul dtype (``models.precision.configure_xla_cpu``); silent
+    here (a config error must stay one line on stderr), the train loop's start-up line says what was set."""
     from softalign.models import precision
 
-    added = precision.configure_xla_cpu(dtype_name)
-    if added:
-        logging.info("XLA_FLAGS += %s (float32 matmuls on a CPU; %s=0 to opt out)", added, precision.OPT_OUT)
+    precision.configure_xla_cpu(dtype_name)
 
 
 class QuietLibraries:

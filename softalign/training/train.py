@@ -231,6 +231,8 @@ def _stopped_early(stop_flag: signals.StopFlag, where: str) -> bool:
 def _log_precision(name: str) -> None:
     """Says which matmul dtype 'auto' became on this machine (bfloat16 needs native bf16 on a CPU)."""
     line = f"Matmul compute dtype: {precision.resolve_dtype_name(name)} (model.dtype={name!r}, {jax.default_backend()})"
+    if precision.YNN_OFF in os.environ.get("XLA_FLAGS", ""):
+        line += f"; XLA:CPU YNNPACK fusions off ({precision.OPT_OUT}=0 to keep them)"
     print(line, flush=True)
     logging.info("%s", line)
 
