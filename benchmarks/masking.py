@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from vs_open_clip import cpu_model  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from softalign.config.schema import demo_config  # noqa: E402
 from softalign.models import build_model, vit  # noqa: E402
@@ -37,17 +37,6 @@ TAKE = vit.gather_patches
 def onehot_gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     """The alternative form: a one-hot (n, k, L) matrix times the tokens (exact in float32)."""
     return jnp.einsum("nkl,nlw->nkw", jax.nn.one_hot(idx, x.shape[1], dtype=x.dtype), x)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(ratio: float, gather, batch_size: int, seed: int):
