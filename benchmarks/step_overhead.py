@@ -302,7 +302,7 @@ def markdown(results: list[Result]) -> str:
                 target, met = "", ""
             label = {EMA: f"PSD(ema, rho={res.rho:g})", MEMORY: f"PSD(memory, rho={res.rho:g})",
                      FORWARD: "forward only"}.get(name, name)
-            if name == f"PSD({DEFAULT_TEACHER})" or (name == EMA and DEFAULT_TEACHER == "ema"):
+            if name == f"PSD({DEFAULT_TEACHER})":
                 label += " (default)"
             temp = "n/a" if v.temp_bytes < 0 else f"{v.temp_bytes / 2**20:.1f}"
             rows.append(f"| {res.label} | {res.batch} | {label} | {1e3 * t:.1f} | {res.batch / t:.1f} | {ratio_s} "
