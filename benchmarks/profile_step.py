@@ -108,8 +108,10 @@ def main() -> None:
     args = p.parse_args()
     by_op, by_class, classes, step_s = profile(args)
     total = sum(by_class.values()) or 1
+    busy = total / 1e9 / args.steps
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}); model {args.model}, {args.size} px, batch "
-          f"{args.batch}, overrides {args.overrides}; step {1e3 * step_s:.1f} ms (traced)\n")
+          f"{args.batch}, overrides {args.overrides}; step {1e3 * step_s:.1f} ms (traced); thread time "
+          f"{1e3 * busy:.1f} ms a step, so {busy / step_s:.2f} cores busy on average\n")
     print("| class | share of thread time |\n|---|---|")
     for name, ns in by_class.most_common():
         print(f"| {name} | {100 * ns / total:.1f}% |")
