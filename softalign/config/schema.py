@@ -85,8 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
         subset_groups=0,  # strata of S; 0: from the batch size alone (soft_targets.resolve_groups), never the mesh
         # self | ema | snapshot | memory | oracle (synthetic only: the exact ground truth). ema costs a forward on
         # rho*B rows (~1.15x the CLIP step); memory (PS-KD's per-sample store) adds no forward pass (1.00x the
-        # FLOPs) but trailed ema by 1-5 points in 2 of 2 seeds of the synthetic truth cell (docs/results.md), so
-        # ema stays the default; memory is the free choice for multi-epoch data that fits in host RAM.
+        # FLOPs) but trailed ema at ~2 epochs in 3 of 3 seeds of the synthetic truth cell (t2i R@5, colour; ahead at
+        # 19 epochs; docs/results.md), so ema stays the default; memory is the free choice for many-epoch data.
         teacher="ema",
         temperature=1.0,  # tau_d: divides the teacher logits (teacher keeps its own logit scale)
         ema_momentum=0.99,
