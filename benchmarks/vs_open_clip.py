@@ -275,8 +275,7 @@ def compare(model: str, size: int, batch: int, rounds: int, steps: int, variants
     out = dict(model=model, size=size, batch=batch, flops=flops, rows={})
     for name, w in workers.items():
         t = statistics.median(times[name])
-        out["rows"][name] = dict(step_s=t, best_s=min(times[name]), samples_s=batch / t,
-                                 mfu=flops / t / w.info["peak"], peak=w.info["peak"],
+        out["rows"][name] = dict(step_s=t, best_s=min(times[name]), peak=w.info["peak"],  # samples/s, MFU: derived
                                  dtype=w.info["dtype"], warmup_s=w.info["warmup_s"], params=w.info["params"],
                                  spread=(min(times[name]) / t, max(times[name]) / t))
     return out

@@ -203,6 +203,8 @@ def test_layer_norm_matches_numpy_and_flax_autodiff():
     grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * weights), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(ref))):
         np.testing.assert_allclose(a, b, atol=2e-5)
+    x16 = x.astype(jnp.bfloat16)  # a bf16 input gets a bf16 cotangent (custom_vjp requires the primal's dtype)
+    assert jax.grad(lambda x: jnp.sum(ours.apply(params, x)))(x16).dtype == jnp.bfloat16
 
 
 def test_bad_patch_size_raises():
