@@ -120,3 +120,24 @@ def test_cli_writes_csv_and_plot(tmp_path):
     r = run_module("softalign.tools.concept_frequency", "--mode=lemma", "--spacy_model=no_such_model",
                    f"--output_dir={out}", "--max_records=10")
     assert r.returncode in (0, 2) and "Traceback" not in r.stderr
+
+
+def test_cli_reads_a_finished_run_and_counts_its_colour_weights(tmp_path):
+    from softalign.config.schema import base_config
+    from softalign.workdir import CONFIG_FILE, RESULTS_FILE
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = base_config()
+    config.data.train_size, config.data.color_weights = 300, (3.0, 1.0) + (0.0,) * 6   # only red and green
+    (run / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (run / RESULTS_FILE).write_text(json.dumps({"results": {"color": {"recall[red]": 0.9, "recall[green]": 0.5}}}))
+    r = run_module("softalign.tools.concept_frequency", f"--workdir={run}", "--concepts=synthetic_color",
+                   "--eval_name=color", config=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["concept"]: row for row in csv.DictReader(open(run / "concept_frequency" / "concept_frequency.csv"))}
+    red, green = int(rows["red"]["frequency"]), int(rows["green"]["frequency"])
+    assert red > 2 * green > 0 and all(int(rows[c]["frequency"]) == 0 for c in ("blue", "white"))
+    assert float(rows["red"]["accuracy"]) == 0.9 and (run / "concept_frequency" / "accuracy_vs_frequency.png").exists()
+    r = run_module("softalign.tools.concept_frequency", f"--workdir={run}", "--output_dir=/tmp/x")
+    assert r.returncode == 2 and "exactly one of --config" in r.stderr

@@ -79,7 +79,8 @@ def _params(workdir, step):
 
 
 def test_training_on_a_reduced_index_resumes_exactly(tmp_path):
-    run = train_tiny(str(tmp_path / "teacher"), "--config.num_steps=2", "--config.checkpoint_every=2")
+    run = train_tiny(str(tmp_path / "teacher"), "--config.num_steps=2", "--config.checkpoint_every=2",
+                     "--config.data.caption_noise=0.5")
     index = str(tmp_path / "reduced.npy")
     r = run_module("softalign.tools.reduce", f"--workdir={run}", "--clusters=8", "--stride=2",
                    "--score_fraction=0.6", f"--output={index}", "--backend=sklearn", config=False)
@@ -88,6 +89,11 @@ def test_training_on_a_reduced_index_resumes_exactly(tmp_path):
     summary = json.load(open(str(tmp_path / "reduced.json")))
     assert summary["records_embedded"] == 400 and summary["kept"] == len(kept) and 16 <= len(kept) < 240
     assert np.all(np.diff(kept) > 0) and kept.max() < 400 and "Kept" in r.stdout
+    data = json.load(open(os.path.join(run, "config.json")))["data"]
+    truth = sources.build_source(data, "train")
+    swapped = np.array([truth._swap_partner(i) is not None for i in range(400)])
+    assert summary["swapped_fraction_embedded"] == swapped.mean() and 0.3 < swapped.mean() < 0.7
+    assert summary["swapped_fraction_kept"] == swapped[kept].mean() and "Swapped captions" in r.stdout
     flags = [f"--config.data.subset_file={index}", "--config.num_steps=4", "--config.checkpoint_every=2"]
     straight = train_tiny(str(tmp_path / "straight"), *flags)
     sliced = train_tiny(str(tmp_path / "sliced"), *flags, "--config.stop_at_step=2")

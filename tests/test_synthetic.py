@@ -152,3 +152,48 @@ def test_classnames_prompts_and_corpus():
     assert caption_corpus(50, seed=1) != caption_corpus(50, seed=2)
     src = SyntheticScenes("heldout", 5)
     assert "heldout" in repr(src) and "5 scenes" in src.describe()
+
+
+def test_color_weights_change_only_the_colours_and_follow_the_weights():
+    n, weights = 3000, (8.0, 4.0, 2.0, 1.0, 1.0, 0.0, 0.5, 0.5)
+    uniform = SyntheticScenes("train", n, seed=2)
+    skewed = SyntheticScenes("train", n, seed=2, color_weights=weights)
+    counts = np.zeros(len(COLORS))
+    for i in range(n):
+        a, b = uniform.scene_and_parts(i)[0], skewed.scene_and_parts(i)[0]
+        assert [(o.shape, o.size, o.position, o.offset) for o in a.objects] == \
+               [(o.shape, o.size, o.position, o.offset) for o in b.objects]
+        for o in b.objects:
+            counts[o.color] += 1
+    expected = np.asarray(weights) / sum(weights) * counts.sum()
+    assert counts[5] == 0                                          # a zero weight never occurs
+    live = expected > 0
+    chi2 = np.sum((counts[live] - expected[live]) ** 2 / expected[live])
+    assert chi2 < 24.3, (counts, expected)                         # 7 dof: p = 0.001
+    # deterministic, and empty weights are the uniform scenes themselves
+    again = SyntheticScenes("train", n, seed=2, color_weights=weights)
+    assert _same(again[17], skewed[17]) and "color_weights" in repr(skewed) and "colour weights" in skewed.describe()
+    assert _same(SyntheticScenes("train", n, seed=2, color_weights=())[17], uniform[17])
+    for bad, message in (((1.0, 2.0), "one weight per colour"), ((1.0,) * 7 + (-1.0,), "non-negative"),
+                         ((0.0,) * 8, "not all zero"), ((float("nan"),) * 8, "finite")):
+        with pytest.raises(ValueError, match=message):
+            SyntheticScenes("train", 10, color_weights=bad)
+
+
+def test_color_weights_reach_the_train_split_only_and_are_checked_in_the_config():
+    from softalign.config import checks
+    from softalign.config.schema import base_config
+    from softalign.data import pipeline, sources
+
+    data = pipeline.default_data_config()
+    data.update(dict(train_size=200, heldout_size=20, color_weights=(1.0,) + (0.0,) * 7))
+    train = sources.build_source(data, "train")
+    assert all(o.color == 0 for i in range(200) for o in train.scene_and_parts(i)[0].objects)
+    assert sources.build_source(data, "heldout").color_weights == ()
+    c = base_config()
+    c.data.color_weights = (1.0, 2.0)
+    with pytest.raises(checks.ConfigError, match="one weight per colour"):
+        checks.validate(c, num_data_shards=1)
+    c.data.color_weights, c.data.source, c.data.name = (1.0,) * 8, "tfds", "cifar10"
+    with pytest.raises(checks.ConfigError, match="read by the synthetic source only"):
+        checks.validate(c, num_data_shards=1)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import ml_collections
 
 from softalign.config.errors import ConfigError
+from softalign.data import synthetic
 from softalign.data.registry import resolve_split, shard_paths
 from softalign.data.sources import available_sources
 from softalign.data.subset import subset_size
@@ -168,6 +169,10 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None,
     _require(source in ("synthetic", "tfds") or bool(config.data.get("path", "")),
              f"data.path is required for data.source={source!r}: point it at the dataset's files")
     _check_data_path(config)
+    weights = config.data.get("color_weights", None) or ()
+    _require(not weights or source == "synthetic",
+             f"data.color_weights is read by the synthetic source only, not data.source={source!r}")
+    _constructed(lambda: synthetic.color_distribution(weights))
     _check_tokenizer(config)
     p = config.psd
     teacher = _constructed(lambda: registry.make_teacher(p))

@@ -66,7 +66,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         source="synthetic", path="", name="", train_split="train", heldout_split="val",
         image_field="image", caption_field="caption", image_dir="", pixel_limit=decode.DEFAULT_PIXEL_LIMIT,
         image_size=32, train_size=50_000, heldout_size=1000, seed=0, heldout_seed=-1,
-        caption_noise=0.0, train_fraction=1.0, max_objects=3, crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
+        caption_noise=0.0, train_fraction=1.0, max_objects=3, color_weights=(), crop_scale=(0.9, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
         mean=CLIP_MEAN, std=CLIP_STD, num_threads=2, prefetch_buffer_size=4, num_workers=0,
         batch_prefetch=2))
 

@@ -108,6 +108,7 @@ def _build_synthetic(data_config: Any, split: str) -> SyntheticScenes:
         max_objects=int(data_config.get("max_objects", 3)),
         caption_noise=float(data_config.get("caption_noise", 0.0)) if split == "train" else 0.0,
         single_object=bool(data_config.get("single_object", False)),
+        color_weights=tuple(data_config.get("color_weights", None) or ()) if split == "train" else (),
     )
 
 

@@ -32,6 +32,7 @@ ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position")
 _SIZE_FRACTION = (0.24, 0.42)      # object radius unit as a fraction of a grid cell
 _JITTER = 0.08                     # centre jitter, fraction of a cell
 _NOISE_STREAM = 7919               # extra seed word for the caption-noise stream
+_COLOR_STREAM = 7927               # extra seed word for colours drawn with `color_weights`
 
 _SHAPE_WORDS = {"circle": ("circle", "circle", "disk"), "square": ("square", "square", "block"),
                 "triangle": ("triangle",), "diamond": ("diamond",),
@@ -71,11 +72,15 @@ class _Scene:
     background: tuple[float, float, float]
 
 
-def _sample_scene(rng: np.random.Generator, max_objects: int, single_object: bool) -> _Scene:
-    """Draws the scene parameters (no pixels) from `rng`; vectorised draws keep this cheap."""
+def _sample_scene(rng: np.random.Generator, max_objects: int, single_object: bool,
+                  color_cdf: np.ndarray | None = None, color_rng: np.random.Generator | None = None) -> _Scene:
+    """Draws the scene parameters (no pixels) from `rng`; vectorised draws keep this cheap. With `color_cdf`, the
+    colours are redrawn from that distribution with `color_rng`, and every other draw is unchanged."""
     n = 1 if single_object else int(rng.integers(1, max_objects + 1))
     cells = rng.permutation(len(POSITIONS))[:n]
     attrs = rng.integers(0, (len(COLORS), len(SHAPES), len(SIZES)), size=(n, 3))
+    if color_cdf is not None:
+        attrs[:, 0] = np.searchsorted(color_cdf, color_rng.random(n), side="right")
     rgbs = np.clip(_RGB[attrs[:, 0]] + rng.integers(-18, 19, size=(n, 3)), 0, 255)
     offsets = rng.uniform(-_JITTER, _JITTER, size=(n, 2))
     objects = tuple(
@@ -265,12 +270,15 @@ class SyntheticScenes:
     """Grain random-access source of procedurally generated (image, caption) scenes.
 
     Record i of a split is a pure function of (seed, split, i, image_size, max_objects,
-    single_object, caption_noise); 'train' and 'heldout' use different seed streams.
+    single_object, caption_noise, color_weights); 'train' and 'heldout' use different seed streams.
+    `color_weights` (one non-negative weight per entry of `COLORS`; empty: uniform) sets how often each colour
+    occurs, e.g. to study accuracy against concept frequency. Only the colours change: shapes, sizes, positions
+    and caption wording are the same draws as with uniform colours.
     """
 
     def __init__(self, split: str = "train", num_examples: int = 10_000, image_size: int = 32,
                  seed: int = 0, max_objects: int = 3, caption_noise: float = 0.0,
-                 single_object: bool = False):
+                 single_object: bool = False, color_weights: tuple[float, ...] = ()):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)}")
         if not 1 <= max_objects <= len(POSITIONS):
@@ -283,6 +291,7 @@ class SyntheticScenes:
         self.num_examples, self.image_size, self.seed = int(num_examples), int(image_size), int(seed)
         self.max_objects, self.caption_noise = int(max_objects), float(caption_noise)
         self.single_object = bool(single_object)
+        self.color_weights, self._color_cdf = color_distribution(color_weights)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -295,7 +304,9 @@ class SyntheticScenes:
     def scene_and_parts(self, index: int) -> tuple[_Scene, CaptionParts, np.random.Generator]:
         """Record `index`'s scene, its clean caption as parts, and the rng positioned for rendering."""
         rng = np.random.default_rng((self.seed, self.split_id, index))
-        scene = _sample_scene(rng, self.max_objects, self.single_object)
+        color_rng = None if self._color_cdf is None else np.random.default_rng(
+            (self.seed, self.split_id, index, _COLOR_STREAM))
+        scene = _sample_scene(rng, self.max_objects, self.single_object, self._color_cdf, color_rng)
         return scene, caption_parts(scene, rng), rng
 
     def truth(self, index: int) -> dict[str, np.ndarray]:
@@ -358,14 +369,33 @@ class SyntheticScenes:
     def __repr__(self) -> str:
         return (f"SyntheticScenes(split={self.split!r}, num_examples={self.num_examples}, "
                 f"image_size={self.image_size}, seed={self.seed}, max_objects={self.max_objects}, "
-                f"caption_noise={self.caption_noise}, single_object={self.single_object})")
+                f"caption_noise={self.caption_noise}, single_object={self.single_object}"
+                + (f", color_weights={self.color_weights}" if self.color_weights else "") + ")")
 
     def describe(self) -> str:
         """One-line human summary (no rendering)."""
         objs = "1 object" if self.single_object else f"1-{self.max_objects} objects"
         return (f"synthetic/{self.split}: {self.num_examples} scenes at {self.image_size}px, {objs}, "
                 f"{len(COLORS)} colours x {len(SHAPES)} shapes x {len(SIZES)} sizes x "
-                f"{len(POSITIONS)} positions, caption_noise={self.caption_noise:g}")
+                f"{len(POSITIONS)} positions, caption_noise={self.caption_noise:g}"
+                + (f", colour weights {'/'.join(f'{w:g}' for w in self.color_weights)}" if self.color_weights else ""))
+
+
+def color_distribution(weights: Any) -> tuple[tuple[float, ...], np.ndarray | None]:
+    """``(weights, cumulative probabilities)`` for `SyntheticScenes.color_weights` (``((), None)`` when empty:
+    uniform); a clear ValueError for the wrong length, a negative or non-finite weight, or all zeros."""
+    weights = tuple(float(w) for w in (weights or ()))
+    if not weights:
+        return (), None
+    if len(weights) != len(COLORS):
+        raise ValueError(f"data.color_weights needs one weight per colour ({len(COLORS)}: {', '.join(COLORS)}), "
+                         f"got {len(weights)}")
+    w = np.asarray(weights, np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"data.color_weights must be finite, non-negative and not all zero, got {weights}")
+    cdf = np.cumsum(w) / w.sum()
+    cdf[np.flatnonzero(w)[-1]:] = 1.0   # no rounding gap above the last colour that can occur
+    return weights, cdf
 
 
 def caption_corpus(num: int, seed: int = 0, max_objects: int = 3) -> list[str]:

@@ -4,7 +4,9 @@ and -- joined with per-class zero-shot accuracy -- how accuracy grows with log10
     python -m softalign.tools.concept_frequency --config=configs/demo.py --concepts=synthetic \\
         --max_records=100000 --output_dir=/tmp/cf
 
-writes ``concept_frequency.csv`` (concept, alternatives, captions containing it, fraction). With
+writes ``concept_frequency.csv`` (concept, alternatives, captions containing it, fraction). ``--workdir=RUN``
+instead of ``--config`` reads a finished run: its ``config.json`` names the source, its ``eval_results.json`` gives
+the accuracies and ``RUN/concept_frequency/`` is the default output. With
 ``--results=WORKDIR/eval_results.json --eval_name=NAME`` (an evaluator run with ``per_class: True``, which stores
 ``recall[<class>]``) it adds each class's accuracy and writes ``accuracy_vs_frequency.png`` with the fitted slope
 (accuracy points per tenfold frequency). Without ``--concepts`` the concepts are the class names of
@@ -34,6 +36,8 @@ def define_flags() -> None:
     """The command's flags (defined on first use, not at import)."""
     config_flags.DEFINE_config_file("config", None, "The run's config file; its data section names the source.",
                                     lock_config=True)
+    flags.DEFINE_string("workdir", "", "A training run instead of --config: its config.json, its eval_results.json "
+                        "(unless --results) and, unless --output_dir, WORKDIR/concept_frequency.")
     flags.DEFINE_list("concepts", [], "Concept specs: names, name=alt|alt, or cifar10 / synthetic / synthetic_<attr>.")
     flags.DEFINE_string("concepts_file", "", "A file of concept specs, one per line.")
     flags.DEFINE_bool("synonyms", True, "Add the built-in synonyms and plurals of known class names.")
@@ -47,7 +51,7 @@ def define_flags() -> None:
     flags.DEFINE_string("results", "", "An eval_results.json with per-class recall[<class>] entries to join.")
     flags.DEFINE_string("eval_name", "", "The evaluator in --results (and in config.evals, for default concepts).")
     flags.DEFINE_string("output_dir", None, "Where to write concept_frequency.csv and accuracy_vs_frequency.png.")
-    flags.mark_flags_as_required(["config", "output_dir"])
+
 
 
 def default_specs(config: Any, eval_name: str = "") -> list[str]:
@@ -117,18 +121,37 @@ def write_outputs(rows: list[dict[str, Any]], output_dir: str, title: str) -> di
     return out
 
 
+def _inputs(config: Any, workdir: str, results: str, output_dir: Optional[str]) -> tuple[Any, str, str]:
+    """``(config, results file or '', output dir)`` from the flags: --config, or --workdir's own files."""
+    if (config is None) == (not workdir):
+        raise ValueError("give exactly one of --config (a config file) and --workdir (a finished run)")
+    if workdir:
+        from softalign import api
+        from softalign.workdir import CONFIG_FILE, RESULTS_FILE
+
+        saved = os.path.join(workdir, CONFIG_FILE)
+        if not os.path.exists(saved):
+            raise ValueError(f"{saved} is missing: --workdir needs a run that wrote its config.json")
+        config = api.as_config(saved)
+        results = results or os.path.join(workdir, RESULTS_FILE)
+        output_dir = output_dir or os.path.join(workdir, "concept_frequency")
+    if not output_dir:
+        raise ValueError("--output_dir is required with --config")
+    return config, results, output_dir
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = FLAGS.config
     try:
+        config, results, output_dir = _inputs(FLAGS.config, FLAGS.workdir, FLAGS.results, FLAGS.output_dir)
         specs = list(FLAGS.concepts) + (concepts.read_concepts_file(FLAGS.concepts_file) if FLAGS.concepts_file
                                         else [])
         rule = concepts.normalizer(FLAGS.mode, FLAGS.spacy_model)
         concept_list = concepts.build_concepts(specs or default_specs(config, FLAGS.eval_name), rule, FLAGS.synonyms)
         accuracy = None
-        if FLAGS.results:
-            eval_name, accuracy = per_class_accuracy(FLAGS.results, FLAGS.eval_name)
+        if results:
+            eval_name, accuracy = per_class_accuracy(results, FLAGS.eval_name)
     except (concepts.LemmaUnavailable, ValueError, OSError) as e:
         print(f"softalign: {e}", file=sys.stderr)
         sys.exit(2)
@@ -147,7 +170,7 @@ def main(argv: list[str]) -> None:
         extra = f"  accuracy {100 * r['accuracy']:.1f}%" if "accuracy" in r and math.isfinite(r["accuracy"]) else ""
         print(f"  {r['concept']:<{width}}  {r['frequency']:>9,}  ({100 * r['fraction']:.2f}%){extra}")
     title = f"{data['source']} captions" + (f" vs {eval_name} accuracy" if accuracy is not None else "")
-    out = write_outputs(rows, FLAGS.output_dir, title)
+    out = write_outputs(rows, output_dir, title)
     if "fit" in out:
         fit = out["fit"]
         print(f"fit over {fit['classes']} classes: {fit['slope']:.2f} accuracy points per tenfold frequency "

@@ -109,8 +109,9 @@ def cluster(emb: np.ndarray, k: int, *, seed: int = 0, backend: str = "auto") ->
 
 
 def embed_source(model: Any, source: Any, *, max_records: int = 0, batch: int = 0, threads: int = 4
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(image embeddings, caption embeddings, record numbers, records skipped) over the source, in batches."""
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+    """(image embeddings, caption embeddings, record numbers, records skipped, caption_swapped flags) over the
+    source, in batches; the flags are the records' own ``caption_swapped`` (False where a source has none)."""
     from softalign.data import decode, skips
 
     n = min(len(source), max_records) if max_records > 0 else len(source)
@@ -121,9 +122,10 @@ def embed_source(model: Any, source: Any, *, max_records: int = 0, batch: int = 
                                  pixel_limit=int(model.config.data.get("pixel_limit", decode.DEFAULT_PIXEL_LIMIT)))
         if isinstance(element, skips.Skipped):
             return None
-        return decode.resize_center(element["image"], model.image_size), element["captions"][0]
+        return (decode.resize_center(element["image"], model.image_size), element["captions"][0],
+                element["caption_swapped"])
 
-    images, texts, records, skipped = [], [], [], 0
+    images, texts, records, skipped, swapped = [], [], [], 0, []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for start in range(0, n, batch):
             loaded = list(pool.map(load, range(start, min(start + batch, n))))
@@ -134,10 +136,12 @@ def embed_source(model: Any, source: Any, *, max_records: int = 0, batch: int = 
             images.append(model.encode_image(np.stack([x[0] for _, x in ok])))
             texts.append(model.encode_text([x[1] for _, x in ok]))
             records.extend(i for i, _ in ok)
+            swapped.extend(x[2] for _, x in ok)
             print(f"  embedded {min(start + batch, n):,}/{n:,} records", file=sys.stderr, flush=True)
     if not records:
         raise ValueError("no readable records to embed")
-    return np.concatenate(images), np.concatenate(texts), np.asarray(records, np.int64), skipped
+    return (np.concatenate(images), np.concatenate(texts), np.asarray(records, np.int64), skipped,
+            np.asarray(swapped, bool))
 
 
 def reduce_run(workdir: str, output: str, *, step: Optional[int] = None, config: Any = None, clusters: int = 100,
@@ -153,7 +157,7 @@ def reduce_run(workdir: str, output: str, *, step: Optional[int] = None, config:
     data.update(subset_file="", train_fraction=1.0)
     source = build_source(data, "train")
     started = time.perf_counter()
-    img, txt, records, skipped = embed_source(model, source, max_records=max_records)
+    img, txt, records, skipped, swapped = embed_source(model, source, max_records=max_records)
     embedded = time.perf_counter()
     assign = cluster(img, clusters, seed=seed, backend=backend)
     clustered = time.perf_counter()
@@ -166,6 +170,9 @@ def reduce_run(workdir: str, output: str, *, step: Optional[int] = None, config:
                "stride": stride, "score_fraction": score_fraction, "kept": int(len(kept)),
                "kept_fraction": len(kept) / len(records), "embed_seconds": round(embedded - started, 2),
                "kmeans_seconds": round(clustered - embedded, 2), "output": output}
+    if swapped.any():   # the source knows which captions are swapped (synthetic scenes, data.caption_noise)
+        summary.update(swapped_fraction_embedded=float(swapped.mean()),
+                       swapped_fraction_kept=float(swapped[np.isin(records, kept)].mean()) if len(kept) else 0.0)
     with open(os.path.splitext(output)[0] + ".json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -185,6 +192,9 @@ def main(argv: list[str]) -> None:
           f"k-means ({s['clusters']} clusters) in {s['kmeans_seconds']} s")
     print(f"Kept {s['kept']:,} records ({100 * s['kept_fraction']:.1f}%): one in {s['stride']} per cluster, "
           f"within the top {100 * s['score_fraction']:g}% by image-text score")
+    if "swapped_fraction_kept" in s:
+        print(f"Swapped captions: {100 * s['swapped_fraction_embedded']:.1f}% of the embedded records, "
+              f"{100 * s['swapped_fraction_kept']:.1f}% of the kept ones")
     print(f"Wrote {s['output']} (train with --config.data.subset_file={s['output']})")
 
 
