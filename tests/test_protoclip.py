@@ -1,10 +1,15 @@
-"""ProtoCLIP: back-translated prototypes, the prototype loss against float64 NumPy, the hook, 8 devices equal 1."""
+"""ProtoCLIP: back-translated prototypes, the prototype loss against float64 NumPy, the hook and its checkpointed
+state, 8 devices equal 1, and a resumed run equal to an uninterrupted one."""
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from test_step import _run, _setup
+from trained_run import train_tiny
 
 from softalign.objectives import prototypes as P
 from softalign.objectives.base import ObjectiveContext
@@ -108,8 +113,17 @@ def test_hook_reclusters_every_episode_and_slices_centroids():
     np.testing.assert_array_equal(out[P.TEXT_LABEL], ref[P.TEXT_LABEL][10:20])
     np.testing.assert_allclose(out[P.IMAGE_FROM_TEXT], ref[P.IMAGE_FROM_TEXT][2:4])  # process 1 of 2: rows 2..3
     assert np.all(hook.before({"index": np.array([50, 3])}, 6)[P.IMAGE_LABEL] == [-1, ref[P.IMAGE_LABEL][3]])
-    fresh = P.PrototypeHook(bank, k=4, episode_steps=5, iters=5)
-    assert fresh.before(local, 7)[P.IMAGE_LABEL].min() >= 0  # a resumed run clusters at its first step
+    restored = P.PrototypeHook(bank, k=4, episode_steps=5, iters=5, process_index=1, process_count=2)
+    assert restored.load({**bank.state_dict(), **hook.state_dict()}) and restored.clustered_at == 5
+    bank.write(np.arange(40, 64), _unit(rng, (24, 8)), _unit(rng, (24, 8)), step=6)
+    again, resumed = hook.before(local, 7), restored.before(local, 7)  # mid-episode: the step-5 prototypes
+    for field in (P.IMAGE_LABEL, P.TEXT_LABEL) + P.CENTROID_FIELDS:
+        np.testing.assert_array_equal(resumed[field], again[field], err_msg=field)
+    old = P.PrototypeHook(bank, k=4, episode_steps=5, iters=5)
+    assert not old.load(bank.state_dict())                   # a checkpoint from before prototypes were saved:
+    assert old.before(local, 7)[P.IMAGE_LABEL].min() >= 0    # the first step re-clusters the restored bank
+    with pytest.raises(ValueError, match="num_prototypes"):
+        P.PrototypeHook(bank, k=8, episode_steps=5).load(hook.state_dict())
 
 
 def _proto_setup(k=8):
@@ -148,3 +162,16 @@ def test_protoclip_config_checks():
         make_objective(ObjectiveContext(c, sharding.make_mesh(8), 40))
     c.objective.num_prototypes = 16
     assert isinstance(make_objective(ObjectiveContext(c, sharding.make_mesh(8), 40)), ProtoCLIP)
+
+
+def test_resumed_protoclip_run_equals_the_uninterrupted_one(tmp_path):
+    flags = ["--config.objective.name=protoclip", "--config.objective.num_prototypes=4",
+             "--config.objective.episode_steps=3", "--config.psd.teacher=memory", "--config.psd.alpha_max=0",
+             "--config.num_steps=6", "--config.checkpoint_every=2", "--config.data.train_size=32"]
+    straight = train_tiny(str(tmp_path / "straight"), *flags)
+    sliced = train_tiny(train_tiny(str(tmp_path / "sliced"), *flags, "--config.stop_at_step=4"), *flags)
+    # resumed at step 4, inside the episode clustered at step 3 (2 steps an epoch: records come back)
+    params = [ocp.StandardCheckpointer().restore(os.path.join(w, "checkpoints", "6", "state"))["params"]
+              for w in (straight, sliced)]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

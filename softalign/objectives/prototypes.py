@@ -5,8 +5,9 @@ text embeddings (faiss k-means; every record seen so far, the bank holds each on
 then back-translates (ProtoCLIP's PBT): the image-space centroid of text cluster c is the mean image embedding of
 the records whose *text* is in c, and vice versa. All centroids are L2-normalised (an empty cluster stays zero).
 Before each step the hook adds the batch's cluster labels (-1: the record was not seen at the last clustering)
-and the four centroid matrices; the loss is in ``protoclip.py``. Nothing here is checkpointed: a resumed run
-re-clusters its restored bank at its first step.
+and the four centroid matrices; the loss is in ``protoclip.py``. The prototypes, labels and the step they were
+clustered at are checkpointed with the bank (`PrototypeHook.state_dict`), so a resumed run uses the episode's
+prototypes until the next boundary, exactly as an uninterrupted run does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ IMAGE_LABEL, TEXT_LABEL = "proto_image_label", "proto_text_label"  # (B,) int32 
 IMAGE_CENTROIDS, TEXT_CENTROIDS = "proto_image_centroids", "proto_text_centroids"  # (K, D) C_img, C_txt
 IMAGE_FROM_TEXT, TEXT_FROM_IMAGE = "proto_image_from_text", "proto_text_from_image"  # (K, D) C_img<-txt, C_txt<-img
 CENTROID_FIELDS = (IMAGE_CENTROIDS, TEXT_CENTROIDS, IMAGE_FROM_TEXT, TEXT_FROM_IMAGE)
+STATE_PREFIX = "proto_"  # their checkpointed copies sit beside the memory bank's arrays
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -98,6 +100,30 @@ class PrototypeHook:
         self.clustered_at = step
         logging.info("protoclip: clustered %d records into %d prototypes at step %d in %.2f s", seen.size, self.k,
                      step, time.perf_counter() - started)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Arrays to checkpoint beside the bank (keys prefixed ``proto_``): centroids, labels, clustered_at."""
+        state = {f"{STATE_PREFIX}{f}": v for f, v in {**self.centroids, **self.labels}.items()}
+        state[f"{STATE_PREFIX}clustered_at"] = np.asarray(-1 if self.clustered_at is None else self.clustered_at,
+                                                          np.int64)
+        return state
+
+    def load(self, state: dict[str, np.ndarray]) -> bool:
+        """Restores :meth:`state_dict` arrays (the other keys of ``state`` are ignored); False when ``state`` has
+        none (a checkpoint from before they were saved: the first step re-clusters). Shapes must match."""
+        if f"{STATE_PREFIX}clustered_at" not in state:
+            return False
+        for f, ref in {**self.centroids, **self.labels}.items():
+            value = np.asarray(state[f"{STATE_PREFIX}{f}"])
+            if value.shape != ref.shape:
+                raise ValueError(f"checkpointed prototypes {f} are {list(value.shape)}, this run expects "
+                                 f"{list(ref.shape)} (objective.num_prototypes, model.embed_dim and the train split "
+                                 "must not change on resume)")
+            ref[...] = value
+        at = int(np.asarray(state[f"{STATE_PREFIX}clustered_at"]))
+        self.clustered_at = None if at < 0 else at
+        self._first = False
+        return True
 
     def before(self, local: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
         """``local`` plus the prototype fields, re-clustering first at an episode boundary (or on resume)."""

@@ -163,13 +163,14 @@ class _MemoryHook:
         self.bank = memory_bank.MemoryBank(size, config.model.embed_dim, config.psd.memory_dtype)
         print(self.bank.describe(), flush=True)
         logging.info("%s", self.bank.describe())
-        if restored_step is not None:
-            saved = ckpt.restore_memory(restored_step)
-            if saved is None:
-                logging.warning("checkpoint %d has no memory bank: the memory teacher starts empty", restored_step)
-            else:
-                self.bank.load(saved)
+        saved = None if restored_step is None else ckpt.restore_memory(restored_step)
+        if restored_step is not None and saved is None:
+            logging.warning("checkpoint %d has no memory bank: the memory teacher starts empty", restored_step)
+        elif saved is not None:
+            self.bank.load(saved)
         self.prototypes = prototypes.hook_for(config, self.bank, jax.process_index(), jax.process_count())
+        if self.prototypes is not None and saved is not None and not self.prototypes.load(saved):
+            logging.warning("checkpoint %d has no prototypes: the first step re-clusters the bank", restored_step)
 
     def before(self, local: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
         local = local if self.bank is None else {**local, **self.bank.lookup(local["index"])}
@@ -180,7 +181,10 @@ class _MemoryHook:
             self.bank.stage(host, step)
 
     def state_dict(self) -> dict[str, np.ndarray] | None:
-        return None if self.bank is None else self.bank.state_dict()
+        if self.bank is None:
+            return None
+        state = self.bank.state_dict()
+        return state if self.prototypes is None else {**state, **self.prototypes.state_dict()}
 
 
 class _TrainMetrics:
