@@ -232,3 +232,20 @@ def test_distill_run_from_a_teacher_workdir(tmp_path):
     bad = run_module("softalign.main", f"--workdir={tmp_path / 'bad'}", "--config.objective.name=distill",
                      "--config.psd.teacher=self", "--config.psd.alpha_max=0")
     assert bad.returncode != 0 and "distill.teacher" in bad.stderr
+
+
+def test_the_teachers_weights_are_an_argument_of_the_state_init_not_constants():
+    c = tiny_config()
+    s_cfg, t_cfg = _model_config(16, 1, 1, 8), _model_config(32, 2, 2, 16)
+    teacher_params = _init(t_cfg, seed=7)
+    teacher = Distill(make_mesh(1), alpha=1.0).teacher.attach(t_cfg, teacher_params)
+    tx, _ = make_optimizer(c.optim, c.num_steps)
+    student = jax.tree.map(jnp.asarray, inherit(teacher_params, t_cfg, s_cfg))
+    const_size = lambda jaxpr: sum(int(np.size(x)) for x in jaxpr.consts)
+    teacher_size = sum(int(np.size(x)) for x in jax.tree.leaves(teacher_params))
+    baked = jax.make_jaxpr(lambda p: create_state(p, tx, teacher, 0))(student)
+    passed = jax.make_jaxpr(lambda p, t: create_state(p, tx, teacher, 0, t))(student, teacher.init_inputs())
+    assert const_size(baked) > 0.99 * teacher_size > 1000 and const_size(passed) < 100   # scalars may inline
+    state = jax.jit(lambda p, t: create_state(p, tx, teacher, 0, t))(student, teacher.init_inputs())
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.teacher["params"],
+                 teacher_params)

@@ -52,10 +52,14 @@ class ExternalTeacher(Teacher):
     def attached(self) -> bool:
         return self.params is not None
 
-    def init(self, params: Any) -> Any:
+    def init(self, params: Any, inputs: Any = None) -> Any:
+        """``{'params': the teacher's weights}``: `inputs` (traced, from :meth:`init_inputs`) or the attached ones."""
         if self.params is None:
             raise ValueError("the external teacher has no params: training/external_teacher.attach() was not called")
-        return {"params": jax.tree.map(jnp.asarray, self.params)}
+        return {"params": jax.tree.map(jnp.asarray, self.params if inputs is None else inputs)}
+
+    def init_inputs(self) -> Any:
+        return self.params
 
     def targets(self, state: Any, batch: dict[str, jax.Array], subset_idx: jax.Array, embed: Any) -> TeacherTargets:
         params = jax.lax.stop_gradient(state["params"])

@@ -42,6 +42,11 @@ class Teacher:
         """The teacher's state in the train state (a pytree; ``{}`` for none)."""
         return {}
 
+    def init_inputs(self) -> Any:
+        """Arrays :meth:`init` takes as its second argument, so that the jitted state init receives them as
+        arguments instead of baking them into the program as constants (a frozen teacher's weights); None: none."""
+        return None
+
     def prepare(self, state: Any, params: Any, step: jax.Array) -> Any:
         """The state to take targets from at ``step`` (before the optimizer update)."""
         return state

@@ -56,13 +56,14 @@ def split_params(params: Any) -> tuple[Any, dict[str, jax.Array]]:
     return params, {}
 
 
-def create_state(params: Any, tx: optax.GradientTransformation, teacher: Teacher, seed: int) -> TrainState:
-    """A fresh train state at step 0."""
+def create_state(params: Any, tx: optax.GradientTransformation, teacher: Teacher, seed: int,
+                 teacher_inputs: Any = None) -> TrainState:
+    """A fresh train state at step 0; `teacher_inputs` (``teacher.init_inputs()``) are passed to its init."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
-        teacher=teacher.init(params),
+        teacher=teacher.init(params) if teacher_inputs is None else teacher.init(params, teacher_inputs),
         rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )

@@ -80,15 +80,16 @@ def build_run(config: Any, workdir: str) -> Run:
     # None unless init_from (or distill.inherit) is set and the run is fresh
     pretrained = external_teacher.initial_params(config, workdir, teacher)
 
-    def init_state(pretrained=None):
+    def init_state(pretrained=None, teacher_inputs=None):
         params = model.init(jax.random.key(config.seed), images, tokens)["params"]
         if pretrained is not None:  # fine-tuning: converted open_clip / OpenAI weights (shapes checked)
             params = pretrained
-        return create_state(with_objective_params(params, objective), tx, teacher, config.seed)
+        return create_state(with_objective_params(params, objective), tx, teacher, config.seed, teacher_inputs)
 
     state_shardings = sharding.state_sharding(mesh, jax.eval_shape(init_state), fsdp_min_size=config.fsdp_min_size,
                                               rules=[tuple(r) for r in config.sharding_rules])
-    state = jax.jit(init_state, out_shardings=state_shardings)(pretrained)
+    # a frozen teacher's weights are an argument, not constants compiled into the init (a B/16 teacher's 150M)
+    state = jax.jit(init_state, out_shardings=state_shardings)(pretrained, teacher.init_inputs())
     encode_image, encode_text = setup.encoders(model)
     return Run(config, mesh, model, state, jit_train_step(step_fn, mesh, state_shardings), state_shardings,
                tokenizer, encode_image, encode_text)
