@@ -157,6 +157,15 @@ def test_markdown_table_and_plot_slice():
     assert fixed == {"fraction": 1.0} and len(members) == 3
 
 
+def test_plot_of_equal_seed_values_whose_mean_rounds_past_them(tmp_path):
+    # three seeds at 0.999: their mean in % is 1.4e-14 above the max, which matplotlib rejects as a negative bar
+    rows = [dict(run=f"r{i}", status="finished", method="m", noise=n, seed=s, **{"color/top1": 0.999})
+            for i, (n, s) in enumerate([(n, s) for n in (0.0, 0.5) for s in (0, 1, 2)])]
+    path = plots.plot_vs(rows, ["method", "noise", "seed"], x="noise", series="method", metrics=["color/top1"],
+                         path=str(tmp_path / "p.png"))
+    assert path and os.path.getsize(path) > 1000
+
+
 def _sweep(*args, root):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "softalign.sweep", *args, f"--root={root}"]

@@ -77,8 +77,9 @@ def plot_vs(rows: Sequence[Mapping[str, Any]], variables: Sequence[str], *, x: s
             points.sort()
             xs, means, lows, highs = zip(*points)
             label = format_value(key[0]) if key and key[0] is not None else "runs"
-            ax.errorbar(xs, means, yerr=[[m - lo for m, lo in zip(means, lows)], [h - m for m, h in zip(means, highs)]],
-                        marker="o", capsize=3, label=label)
+            # clamped: the mean of equal values can round a last bit past them, and matplotlib rejects a negative bar
+            yerr = [[max(m - lo, 0.0) for m, lo in zip(means, lows)], [max(h - m, 0.0) for m, h in zip(means, highs)]]
+            ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, label=label)
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel(x)
         ax.set_ylabel(f"{metric.rsplit('/', 1)[-1]}{' (%)' if scale == 100.0 else ''}")
