@@ -164,6 +164,24 @@ def test_protoclip_config_checks():
     assert isinstance(make_objective(ObjectiveContext(c, sharding.make_mesh(8), 40)), ProtoCLIP)
 
 
+def test_config_check_names_the_prototype_and_attentive_mask_rules():
+    from tiny import tiny_config
+
+    from softalign.config import checks
+
+    c = tiny_config(**{"objective.name": "protoclip", "psd.teacher": "memory", "psd.alpha_max": 0.0,
+                       "objective.num_prototypes": 12})
+    checks.validate(c, num_data_shards=1)
+    with pytest.raises(checks.ConfigError, match="num_prototypes=12 must be a multiple of the 8 data shards"):
+        checks.validate(c, num_data_shards=8)
+    c = tiny_config(**{"model.vision.mask_ratio": 0.5, "model.vision.mask": "attentive"})
+    checks.validate(c, num_data_shards=1)                       # the default EMA teacher with soft targets
+    for bad in ({"psd.teacher": "memory"}, {"psd.alpha_max": 0.0}):
+        with pytest.raises(checks.ConfigError, match="mask='attentive' reads the teacher's attention"):
+            checks.validate(tiny_config(**{"model.vision.mask_ratio": 0.5, "model.vision.mask": "attentive",
+                                           **bad}), num_data_shards=1)
+
+
 def test_resumed_protoclip_run_equals_the_uninterrupted_one(tmp_path):
     flags = ["--config.objective.name=protoclip", "--config.objective.num_prototypes=4",
              "--config.objective.episode_steps=3", "--config.psd.teacher=memory", "--config.psd.alpha_max=0",

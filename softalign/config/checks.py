@@ -188,6 +188,15 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None,
     groups = soft_targets.resolve_groups(p.subset_groups, config.batch_size)  # any mesh: S does not depend on it
     _constructed(lambda: soft_targets.subset_layout(config.batch_size, p.subset_fraction, groups))
     objective = _constructed(lambda: registry.make_objective(ObjectiveContext(config, None, config.batch_size)))
+    k = config.objective.get("num_prototypes", 0)
+    _require(config.objective.name != "protoclip" or k % num_data_shards == 0,
+             f"objective.num_prototypes={k} must be a multiple of the {num_data_shards} data shards (the centroids "
+             "travel batch-sharded)")
+    v = config.model.vision
+    _require(not (v.get("mask_ratio", 0.0) > 0 and v.get("mask", "random") == "attentive") or (
+        teacher.name in ("ema", "snapshot") and p.alpha_max > 0 and p.subset_fraction > 0),
+        "model.vision.mask='attentive' reads the teacher's attention: it needs psd.teacher='ema' or 'snapshot' "
+        "with soft targets on (psd.alpha_max > 0, psd.subset_fraction > 0)")
     _require(objective.supports_soft_targets or p.alpha_max == 0,
              f"objective.name={config.objective.name!r} takes no PSD soft targets: set psd.alpha_max=0")
     o = config.optim
