@@ -73,14 +73,14 @@ class _Scene:
 
 
 def _sample_scene(rng: np.random.Generator, max_objects: int, single_object: bool,
-                  color_cdf: np.ndarray | None = None, color_rng: np.random.Generator | None = None) -> _Scene:
+                  color_cdf: np.ndarray | None = None, color_seed: tuple[int, ...] = ()) -> _Scene:
     """Draws the scene parameters (no pixels) from `rng`; vectorised draws keep this cheap. With `color_cdf`, the
-    colours are redrawn from that distribution with `color_rng`, and every other draw is unchanged."""
+    colours are redrawn from that distribution on their own stream (`color_seed`); every other draw is unchanged."""
     n = 1 if single_object else int(rng.integers(1, max_objects + 1))
     cells = rng.permutation(len(POSITIONS))[:n]
     attrs = rng.integers(0, (len(COLORS), len(SHAPES), len(SIZES)), size=(n, 3))
     if color_cdf is not None:
-        attrs[:, 0] = np.searchsorted(color_cdf, color_rng.random(n), side="right")
+        attrs[:, 0] = np.searchsorted(color_cdf, np.random.default_rng(color_seed).random(n), side="right")
     rgbs = np.clip(_RGB[attrs[:, 0]] + rng.integers(-18, 19, size=(n, 3)), 0, 255)
     offsets = rng.uniform(-_JITTER, _JITTER, size=(n, 2))
     objects = tuple(
@@ -270,10 +270,8 @@ class SyntheticScenes:
     """Grain random-access source of procedurally generated (image, caption) scenes.
 
     Record i of a split is a pure function of (seed, split, i, image_size, max_objects,
-    single_object, caption_noise, color_weights); 'train' and 'heldout' use different seed streams.
-    `color_weights` (one non-negative weight per entry of `COLORS`; empty: uniform) sets how often each colour
-    occurs, e.g. to study accuracy against concept frequency. Only the colours change: shapes, sizes, positions
-    and caption wording are the same draws as with uniform colours.
+    single_object, caption_noise, color_weights); 'train' and 'heldout' use different seed streams. `color_weights`
+    (one weight per entry of `COLORS`; empty: uniform) sets how often each colour occurs; nothing else changes.
     """
 
     def __init__(self, split: str = "train", num_examples: int = 10_000, image_size: int = 32,
@@ -304,9 +302,8 @@ class SyntheticScenes:
     def scene_and_parts(self, index: int) -> tuple[_Scene, CaptionParts, np.random.Generator]:
         """Record `index`'s scene, its clean caption as parts, and the rng positioned for rendering."""
         rng = np.random.default_rng((self.seed, self.split_id, index))
-        color_rng = None if self._color_cdf is None else np.random.default_rng(
-            (self.seed, self.split_id, index, _COLOR_STREAM))
-        scene = _sample_scene(rng, self.max_objects, self.single_object, self._color_cdf, color_rng)
+        scene = _sample_scene(rng, self.max_objects, self.single_object, self._color_cdf,
+                              (self.seed, self.split_id, index, _COLOR_STREAM))
         return scene, caption_parts(scene, rng), rng
 
     def truth(self, index: int) -> dict[str, np.ndarray]:
@@ -382,8 +379,7 @@ class SyntheticScenes:
 
 
 def color_distribution(weights: Any) -> tuple[tuple[float, ...], np.ndarray | None]:
-    """``(weights, cumulative probabilities)`` for `SyntheticScenes.color_weights` (``((), None)`` when empty:
-    uniform); a clear ValueError for the wrong length, a negative or non-finite weight, or all zeros."""
+    """``(weights, cumulative probabilities)`` for `SyntheticScenes.color_weights` (``((), None)``: uniform)."""
     weights = tuple(float(w) for w in (weights or ()))
     if not weights:
         return (), None
