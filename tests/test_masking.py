@@ -182,3 +182,22 @@ def test_attentive_step_8_devices_equal_1_and_needs_a_params_teacher():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
     with pytest.raises(ValueError, match="attentive"):
         _run(sharding.make_mesh(1), *setup, psd=dict(setup[0].psd, teacher="self"))
+
+
+def test_unmasked_tuning_steps_see_every_patch():
+    """FLIP's unmasked tuning: with the last step unmasked, step 0 is the masked step and step 1 differs from it;
+    with every step unmasked the run equals the unmasked one exactly."""
+    plain = _run(sharding.make_mesh(1), *_setup("ema"))[1]
+    masked = _run(sharding.make_mesh(1), *_masked_setup(0.5))[1]
+    steps = 2  # the tiny setup's two batches
+    last = _run(sharding.make_mesh(1), *_masked_setup(0.5, vision=dict(_setup()[0].model.vision, mask_ratio=0.5,
+                                                                       unmask_last_steps=1)), num_steps=steps)[1]
+    every = _run(sharding.make_mesh(1), *_masked_setup(0.5, vision=dict(_setup()[0].model.vision, mask_ratio=0.5,
+                                                                        unmask_last_steps=steps)), num_steps=steps)[1]
+    assert last[0] == masked[0] and last[1] != masked[1]
+    assert every == plain
+    c = _setup()[0]
+    c.model.text.update(vocab_size=50, eot_id=2)
+    c.model.vision.unmask_last_steps = 1  # without a mask there is nothing to unmask
+    with pytest.raises(ValueError, match="unmask_last_steps"):
+        build_model(c.model)

@@ -15,7 +15,7 @@ from softalign.data.sources import available_sources
 from softalign.data.subset import subset_size
 from softalign.data.tokenizer import Tokenizer
 from softalign.models.clip import validate_model_config
-from softalign.objectives import registry, soft_targets
+from softalign.objectives import registry, soft_targets, teachers
 from softalign.objectives.base import ObjectiveContext
 
 
@@ -187,16 +187,13 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None,
     _require(p.subset_groups >= 0, f"psd.subset_groups={p.subset_groups} must be >= 0 (0: the default strata)")
     groups = soft_targets.resolve_groups(p.subset_groups, config.batch_size)  # any mesh: S does not depend on it
     _constructed(lambda: soft_targets.subset_layout(config.batch_size, p.subset_fraction, groups))
-    objective = _constructed(lambda: registry.make_objective(ObjectiveContext(config, None, config.batch_size)))
-    k = config.objective.get("num_prototypes", 0)
-    _require(config.objective.name != "protoclip" or k % num_data_shards == 0,
-             f"objective.num_prototypes={k} must be a multiple of the {num_data_shards} data shards (the centroids "
-             "travel batch-sharded)")
+    objective = _constructed(lambda: registry.make_objective(
+        ObjectiveContext(config, None, config.batch_size, num_data_shards)))
     v = config.model.vision
+    _require(v.get("unmask_last_steps", 0) <= config.num_steps,
+             f"model.vision.unmask_last_steps={v.get('unmask_last_steps', 0)} exceeds num_steps={config.num_steps}")
     _require(not (v.get("mask_ratio", 0.0) > 0 and v.get("mask", "random") == "attentive") or (
-        teacher.name in ("ema", "snapshot") and p.alpha_max > 0 and p.subset_fraction > 0),
-        "model.vision.mask='attentive' reads the teacher's attention: it needs psd.teacher='ema' or 'snapshot' "
-        "with soft targets on (psd.alpha_max > 0, psd.subset_fraction > 0)")
+        teacher.provides_attention and p.alpha_max > 0 and p.subset_fraction > 0), teachers.ATTENTIVE_NEEDS)
     _require(objective.supports_soft_targets or p.alpha_max == 0,
              f"objective.name={config.objective.name!r} takes no PSD soft targets: set psd.alpha_max=0")
     o = config.optim

@@ -96,6 +96,17 @@ def base_config() -> ml_collections.ConfigDict:
         # D=512 in float16; twice that briefly while a checkpoint is saved.
         memory_dtype="float32",
     ))
+    # A-CLIP's recipe around its attentive mask (model.vision.mask='attentive'; docs/method.md, "A-CLIP"). The
+    # defaults give the mask alone; A-CLIP's full recipe is views=2, simclr_weight=1, byol_weight=2 (its own values
+    # for the rest), as configs/aclip_demo.py sets. views=2: two random resized crops (crop_scale of the area,
+    # aspect in crop_ratio) of each image, each masked by the teacher's attention on the full image read through its
+    # crop; the objective is averaged over them. simclr_weight: SimCLR at simclr_temperature on a 3-layer head;
+    # simclr_pairs 'views' contrasts view 1 with view 2, 'reference' view 1 with itself, as the released code does.
+    # byol_weight: BYOL's 2 - 2 cos(pred(proj(student)), proj_ema(teacher on the full image)). head_hidden/head_dim:
+    # the heads' widths (A-CLIP: 4096 and 256).
+    c.aclip = ml_collections.ConfigDict(dict(
+        views=1, crop_scale=(0.5, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0), simclr_weight=0.0,
+        simclr_temperature=0.1, simclr_pairs="views", byol_weight=0.0, head_hidden=4096, head_dim=256))
 
     c.log_every = 50
     c.checkpoint_every = 500

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from softalign.models import views
 from softalign.models.layers import get_activation
 from softalign.models.precision import compute_dtype
 from softalign.models.text import TextTransformer
@@ -94,6 +95,13 @@ class CLIP(nn.Module):
         """Tokens (n, context_length) int -> L2-normalised float32 (n, embed_dim)."""
         return l2_normalize(self.text(tokens))
 
+    def image_features(self, images: jax.Array, train: bool = False,
+                       keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(L2-normalised embedding (n, embed_dim), pooled feature (n, width))``, float32; ``train``/``keep`` as
+        in ``__call__``."""
+        emb, pooled = self.vision(images, train=train, keep=keep, return_pooled=True)
+        return l2_normalize(emb), pooled
+
     def clamped_logit_scale(self) -> jax.Array:
         """exp(logit_scale) clamped to logit_scale_max, float32 scalar."""
         max_scale = self.config.get("logit_scale_max", 100.0)
@@ -143,9 +151,18 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     if v.get("mask", "random") == "attentive" and v.pool != "cls":
         raise ValueError("model.vision.mask='attentive' reads the [cls] token's attention: it needs pool='cls'.")
     ratio, patches = float(v.get("mask_ratio", 0.0)), (v.image_size // v.patch_size) ** 2
+    block, grid = int(v.get("mask_block", 1)), v.image_size // v.patch_size
+    if block < 1 or grid % block or (v.get("mask", "random") == "attentive"
+                                     and int((grid // block) ** 2 * (1.0 - ratio)) < 1):
+        raise ValueError(f"model.vision.mask_block={block} must divide the {grid} x {grid} patch grid and leave at "
+                         f"least one block kept at mask_ratio={ratio}.")
     if not 0.0 <= ratio < 1.0 or int(patches * (1.0 - ratio)) < 1:
         raise ValueError(f"model.vision.mask_ratio={ratio} must be in [0, 1) and keep at least one of the "
                          f"{patches} patches.")
+    unmask = int(v.get("unmask_last_steps", 0))
+    if unmask < 0 or (unmask > 0 and not (ratio > 0 and v.get("mask", "random") == "random")):
+        raise ValueError(f"model.vision.unmask_last_steps={unmask} must be >= 0, and > 0 only with FLIP's random "
+                         "mask (mask='random', mask_ratio > 0)")
     for name, tower in (("vision", v), ("text", t)):
         if tower.width % tower.num_heads != 0:
             raise ValueError(
@@ -155,13 +172,21 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.text.eot_id ({t.eot_id}) must lie in [0, vocab_size={t.vocab_size}).")
 
 
-def attentive_keep(model: CLIP, params: Any, images: jax.Array, ratio: float) -> jax.Array:
-    """A-CLIP's mask: (n, int(L (1 - ratio))) indices of the patches the [cls] token attends to most, its attention
-    averaged over heads and layers of the image tower run on the full images with ``params`` (a teacher's)."""
-    _, state = model.apply({"params": params}, images, method=model.encode_image, mutable=["intermediates"])
+def cls_attention(model: CLIP, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The image tower run on the full ``images`` with ``params`` (a teacher's): its [cls] -> patch attention
+    averaged over heads and layers, float32 (n, g, g) on the g x g patch grid, and its pooled feature (n, width)."""
+    (_, pooled), state = model.apply({"params": params}, images, method=model.image_features,
+                                     mutable=["intermediates"])
     found = [x for path, x in jax.tree_util.tree_leaves_with_path(state["intermediates"])
              if "vision" in jax.tree_util.keystr(path) and "cls_attention" in jax.tree_util.keystr(path)]
     n, length = images.shape[0], found[0].shape[-1]
     attention = jnp.concatenate([x.reshape(-1, n, length) for x in found]).mean(axis=0)[:, 1:]
-    keep = int((length - 1) * (1.0 - ratio))
-    return jax.lax.top_k(jax.lax.stop_gradient(attention), keep)[1].astype(jnp.int32)
+    grid = model.config.vision.image_size // model.config.vision.patch_size
+    return jax.lax.stop_gradient(attention).reshape(n, grid, grid), jax.lax.stop_gradient(pooled)
+
+
+def attentive_keep(model: CLIP, params: Any, images: jax.Array, ratio: float) -> jax.Array:
+    """A-CLIP's mask on the full images: (n, int(L (1 - ratio))) indices of the patches the teacher's [cls] token
+    attends to most (``cls_attention``; ``model.vision.mask_block`` > 1: whole blocks, see ``views.block_keep``)."""
+    attention, _ = cls_attention(model, params, images)
+    return views.block_keep(attention, ratio, int(model.config.vision.get("mask_block", 1)))

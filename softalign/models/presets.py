@@ -51,8 +51,13 @@ def _make(
     # FLIP (docs/method.md): share of image patches the student drops at random in training; 0: none. Never at
     # evaluation, and teachers always embed the full image.
     cfg.vision.mask_ratio = 0.0
+    # FLIP's unmasked tuning ('random' mask only): the last unmask_last_steps steps of the run see every patch.
+    cfg.vision.unmask_last_steps = 0
     # 'random' (FLIP) | 'attentive' (A-CLIP: keep the patches the EMA/snapshot teacher's [cls] attends to most)
     cfg.vision.mask = "random"
+    # 'attentive' only: keep whole mask_block x mask_block blocks of patches, ranked by their mean attention (A-CLIP
+    # ranks 2 x 2 blocks of its 14 x 14 grid); 1: single patches. Must divide the patch grid.
+    cfg.vision.mask_block = 1
 
     cfg.text = ml_collections.ConfigDict()
     cfg.text.vocab_size = vocab_size

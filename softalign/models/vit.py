@@ -90,10 +90,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"model.vision.mask_ratio={self.mask_ratio} must be in [0, 1) and keep >= 1 patch.")
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, keep: jax.Array | None = None) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False, keep: jax.Array | None = None,
+                 return_pooled: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """``train=True`` with ``mask_ratio > 0`` drops patches at random (FLIP), drawing from the 'mask' rng;
         ``keep`` (n, k) int: keep exactly those patches (A-CLIP). Otherwise (evaluation, teachers) every patch is
-        kept and the code path is exactly the unmasked one."""
+        kept and the code path is exactly the unmasked one. ``return_pooled``: also the pooled (n, width) feature
+        before the projection (what A-CLIP's self-supervised heads read)."""
         self._check()
         if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
@@ -140,4 +142,6 @@ class VisionTransformer(nn.Module):
             kernel_init=nn.initializers.normal(scale),
             name="proj",
         )(pooled)
+        if return_pooled:
+            return out.astype(jnp.float32), pooled.astype(jnp.float32)
         return out.astype(jnp.float32)

@@ -42,15 +42,19 @@ class LossInputs(NamedTuple):
     subset: jax.Array  # (B,) bool: rows that get soft targets this step (all False when soft targets are off)
     alpha: jax.Array  # () weight of the soft targets this step
     batch: dict[str, jax.Array]  # the global batch (``index`` and any extra fields a source provides)
+    # what a wrapper of the objective reads beside the embeddings (A-CLIP's pooled features and BYOL target)
+    features: dict[str, jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveContext:
-    """What an objective is built from: the whole config, the mesh and the global batch size."""
+    """What an objective is built from: the whole config, the mesh (None when only the config is checked), the
+    global batch size and the number of data shards the batch is split over (what layout rules are checked on)."""
 
     config: Any
-    mesh: Mesh
+    mesh: Mesh | None
     batch_size: int
+    num_data_shards: int = 1
 
 
 class Objective(Protocol):

@@ -15,7 +15,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from softalign.objectives import prototypes as P
 from softalign.objectives.base import LossInputs, ObjectiveContext
@@ -60,12 +59,13 @@ class ProtoCLIP:
     name = "protoclip"
     supports_soft_targets = True  # the InfoNCE part takes PSD's targets as usual
 
-    def __init__(self, infonce: InfoNCE, mesh: Mesh, *, num_prototypes: int, episode_steps: int, weight: float,
+    def __init__(self, infonce: InfoNCE, shards: int, *, num_prototypes: int, episode_steps: int, weight: float,
                  temperature: float, scale_init: float):
-        shards = 1 if mesh is None else sharding.num_batch_shards(mesh)  # config.checks builds without a mesh
-        if num_prototypes < 2 or num_prototypes % shards:
-            raise ValueError(f"objective.num_prototypes={num_prototypes} must be >= 2 and a multiple of the "
-                             f"{shards} data shards (the centroids travel batch-sharded)")
+        if num_prototypes < 2:
+            raise ValueError(f"objective.num_prototypes={num_prototypes} must be >= 2")
+        if num_prototypes % shards:
+            raise ValueError(f"objective.num_prototypes={num_prototypes} must be a multiple of the {shards} data "
+                             "shards (the centroids travel batch-sharded)")
         if episode_steps <= 0:
             raise ValueError(f"objective.episode_steps={episode_steps} must be positive")
         if not weight >= 0:
@@ -84,7 +84,9 @@ class ProtoCLIP:
             raise ValueError(f"objective.name='protoclip' clusters the memory teacher's bank: set "
                              f"psd.teacher='memory' (psd.alpha_max=0 for no soft targets), not {c.psd.teacher!r}")
         o = c.objective
-        return cls(InfoNCE.from_context(context), context.mesh, num_prototypes=o.num_prototypes,
+        # config.checks builds without a mesh, from the shard count it is given
+        shards = context.num_data_shards if context.mesh is None else sharding.num_batch_shards(context.mesh)
+        return cls(InfoNCE.from_context(context), shards, num_prototypes=o.num_prototypes,
                    episode_steps=o.episode_steps, weight=o.proto_weight, temperature=o.proto_temperature,
                    scale_init=o.proto_scale_init)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from softalign.objectives import distill, infonce, mp_sigmoid, oracle, protoclip, siglip, teachers
+from softalign.objectives import aclip, distill, infonce, mp_sigmoid, oracle, protoclip, siglip, teachers
 from softalign.objectives.base import Objective, ObjectiveBuilder, ObjectiveContext
 
 OBJECTIVES: dict[str, ObjectiveBuilder] = {
@@ -29,11 +29,17 @@ TEACHERS: dict[str, Callable[[Any], teachers.Teacher]] = {
 
 
 def make_objective(context: ObjectiveContext) -> Objective:
-    """Builds the objective named by ``config.objective.name``."""
+    """Builds the objective named by ``config.objective.name``, wrapped in A-CLIP's recipe when ``config.aclip``
+    asks for its views or terms (``aclip.recipe_active``)."""
     name = context.config.objective.name
     if name not in OBJECTIVES:
         raise ValueError(f"objective.name={name!r} is not available; choose one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](context)
+    objective = OBJECTIVES[name](context)
+    if context.config.get("aclip") is not None:
+        aclip.check_recipe(context.config)
+        if aclip.recipe_active(context.config):
+            return aclip.AClip(objective, context.config)
+    return objective
 
 
 def make_teacher(psd_config: Any) -> teachers.Teacher:

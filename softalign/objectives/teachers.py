@@ -19,6 +19,9 @@ from softalign.objectives import soft_targets
 from softalign.objectives.base import TeacherTargets
 from softalign.objectives.memory_bank import DTYPES, MEMORY_IMAGE, MEMORY_SEEN, MEMORY_TEXT
 
+ATTENTIVE_NEEDS = ("model.vision.mask='attentive' reads the teacher's attention: it needs a teacher with parameters "
+                   "(psd.teacher='ema' or 'snapshot') and soft targets on (psd.alpha_max > 0, psd.subset_fraction > 0)")
+
 # (params, images, tokens) -> (image_emb, text_emb, logit_scale)
 EmbedFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -37,6 +40,7 @@ class Teacher:
     host_memory: bool = False
     needs_truth: bool = False  # reads the synthetic source's ground-truth batch fields (data/scene_truth.py)
     log_targets: bool = False  # gives TeacherTargets.log_targets, which only the unchunked loss takes
+    provides_attention: bool = False  # state["params"] is a model to run: A-CLIP's attentive mask can read it
 
     def init(self, params: Any) -> Any:
         """The teacher's state in the train state (a pytree; ``{}`` for none)."""
@@ -77,6 +81,8 @@ class SelfTeacher(Teacher):
 
 class _ParamsTeacher(Teacher):
     """Shared part of teachers that hold a copy of the parameters and embed S with it."""
+
+    provides_attention = True
 
     def init(self, params):
         return {"params": jax.tree.map(jnp.copy, params)}

@@ -10,6 +10,7 @@ what the teacher hands back to the host (the memory teacher's embeddings; ``{}``
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -19,16 +20,19 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from softalign.models.clip import attentive_keep
+from softalign.models import views
+from softalign.models.clip import cls_attention
 from softalign.objectives import registry, soft_targets
+from softalign.objectives.aclip import AClip
 from softalign.objectives.base import LossInputs, Objective, ObjectiveContext
 from softalign.objectives.memory_bank import MEMORY_SEEN
-from softalign.objectives.teachers import Teacher
+from softalign.objectives.teachers import ATTENTIVE_NEEDS, Teacher
 from softalign.parallel import sharding
 from softalign.training import accumulate, external_teacher
 
 OBJECTIVE_PARAMS = "objective"  # params[OBJECTIVE_PARAMS]: the objective's own leaves, when it has any
 MASK_KEY_SALT = 0x464C4950  # fold_in(step key, this): the FLIP mask's key ("FLIP")
+VIEW_KEY_SALT = 0x56494557  # fold_in(step key, this): A-CLIP's crop boxes ("VIEW")
 
 StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]]
 
@@ -127,9 +131,25 @@ def make_train_step(
         raise ValueError("model.vision.mask_ratio > 0 does not support grad_accum_steps > 1 yet")
 
     attentive = mask_ratio > 0 and model.config.vision.get("mask", "random") == "attentive"
-    if attentive and not (use_teacher and teacher.name in ("ema", "snapshot")):
-        raise ValueError("model.vision.mask='attentive' reads the teacher's attention: it needs psd.teacher='ema' "
-                         "or 'snapshot' with soft targets on (psd.alpha_max > 0, psd.subset_fraction > 0)")
+    # FLIP's unmasked tuning: the schedule's last steps see every patch (one program; lax.cond picks the branch)
+    unmask_last = int(model.config.vision.get("unmask_last_steps", 0)) if mask_ratio > 0 and not attentive else 0
+    if attentive and not (use_teacher and teacher.provides_attention):
+        raise ValueError(ATTENTIVE_NEEDS)
+
+    block = int(model.config.vision.get("mask_block", 1)) if attentive else 1
+    recipe = objective if isinstance(objective, AClip) else None  # A-CLIP's views and self-supervised terms
+
+    def attentive_inputs(key, teacher_params, images):
+        """A-CLIP: the student's images, the patches each keeps, and what the recipe's terms read (or None)."""
+        model_params, objective_params = split_params(jax.lax.stop_gradient(teacher_params))
+        attention, pooled = cls_attention(model, model_params, images)  # the teacher on the full images
+        if recipe is None or recipe.views == 1:
+            keep = views.block_keep(attention, mask_ratio, block)
+        else:
+            images, keep = views.attentive_views(jax.random.fold_in(key, VIEW_KEY_SALT), images, attention,
+                                                 recipe.views, recipe.crop_scale, recipe.crop_ratio, mask_ratio, block)
+        target = None if recipe is None else recipe.byol_target(objective_params, pooled)
+        return images, keep, ({} if target is None else {"byol_target": target})
 
     def student_embed(mask_key, keep=None):
         """The student's towers: FLIP's patch masking when mask_ratio > 0 (teachers keep ``embed``, unmasked);
@@ -147,18 +167,17 @@ def make_train_step(
         targets = teacher.targets(teacher_state, batch, subset_idx, embed) if use_teacher else None
         if not use_teacher:
             subset_mask = jnp.zeros_like(subset_mask)
-        # its own stream, folded from the step key: the subset S above is the same with and without masking
-        keep = None
+        keep, images, features = None, batch["image"], None
         if attentive:  # A-CLIP: the patches the teacher's [cls] attends to most, on the full images
-            keep = attentive_keep(model, split_params(jax.lax.stop_gradient(teacher_state["params"]))[0],
-                                  batch["image"], mask_ratio)
+            images, keep, features = attentive_inputs(key, teacher_state["params"], images)
+        # masks and views draw from their own streams, folded from the step key: S is the same with and without
         student = student_embed(jax.random.fold_in(key, MASK_KEY_SALT) if mask_ratio > 0 else None, keep)
 
-        def loss_of_embeddings(img, txt, scale, objective_params):
+        def loss_of_embeddings(img, txt, scale, objective_params, features=None):
             t = targets
             if t is not None and teacher.student_scale:  # e.g. memory: T = s * U_old V_old^T, s the student's
                 t = t._replace(scale=jax.lax.stop_gradient(scale).astype(jnp.float32))
-            inputs = LossInputs(img, txt, scale, objective_params, t, subset_mask, jnp.asarray(alpha), batch)
+            inputs = LossInputs(img, txt, scale, objective_params, t, subset_mask, jnp.asarray(alpha), batch, features)
             loss, metrics = objective(inputs)
             if teacher.host_memory:
                 metrics = dict(metrics, memory_seen=jnp.mean(batch[MEMORY_SEEN].astype(jnp.float32)))
@@ -172,10 +191,23 @@ def make_train_step(
             if objective_grads:
                 grads = {**grads, OBJECTIVE_PARAMS: objective_grads}
         else:
-            def loss_fn(p):
-                return loss_of_embeddings(*student(p, batch["image"], batch["tokens"]), split_params(p)[1])
+            def loss_fn(p, student=student):
+                if recipe is None:
+                    return loss_of_embeddings(*student(p, images, batch["tokens"]), split_params(p)[1])
+                # A-CLIP's recipe: the views' embeddings and pooled features, for its terms
+                model_params, objective_params = split_params(p)
+                img, pooled = model.apply({"params": model_params}, images, keep=keep, method=model.image_features)
+                txt = model.apply({"params": model_params}, batch["tokens"], method=model.encode_text)
+                scale = model.apply({"params": model_params}, method=model.clamped_logit_scale)
+                return loss_of_embeddings(img, txt, scale, objective_params, dict(features, pooled=pooled))
 
-            (loss, (metrics, host)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            if unmask_last:
+                (loss, (metrics, host)), grads = jax.lax.cond(
+                    state.step >= num_steps - unmask_last,
+                    lambda p: jax.value_and_grad(functools.partial(loss_fn, student=embed), has_aux=True)(p),
+                    lambda p: jax.value_and_grad(loss_fn, has_aux=True)(p), state.params)
+            else:
+                (loss, (metrics, host)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
