@@ -43,3 +43,11 @@ def test_step_overhead_variants_step():
     for v in variants.values():
         v.call()
         v.call()  # twice: the memory variant writes back the first call's embeddings on the second
+
+
+def test_masking_variants_step():
+    import masking
+
+    for aclip in (None, masking.RECIPE):  # FLIP's random mask; A-CLIP's recipe (its heads in the state)
+        _, state, _ = masking.build(0.5, masking.TAKE, 8, 0, aclip)
+        assert int(state.step) == 1
