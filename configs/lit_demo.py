@@ -5,7 +5,7 @@ learns to meet them through a trained MLP projector (model.text.kind='precompute
     python -m softalign.main --config=configs/lit_demo.py --workdir=/tmp/lit-demo \\
         --config.lit.embeddings_from=/tmp/lit-teacher
 
-The first step writes 40,000 train and 1,000 held-out synthetic records with their teacher text embedding (K = 1,
+The first step writes 20,000 train and 1,000 held-out synthetic records with their teacher text embedding (K = 1,
 float16) as ArrayRecord shards in <workdir>/lit_data (softalign/training/lit.py) through the real converter; the
 run then trains on that ArrayRecord path. Held-out retrieval ranks the held-out records' own text embeddings
 (evals kind 'embedding_retrieval'; the caption-string evaluators need a text transformer).
@@ -19,7 +19,8 @@ def get_config():
     c.lit.embeddings_from = ""  # set on the command line: the teacher run's workdir
     c.model.text.kind = "precomputed"
     c.model.text.projector_hidden = 256
-    c.data.train_size = 40_000  # 300 steps x 128 = 38,400 records: one pass
+    c.data.train_size = 20_000  # 200 steps x 128 = 25,600 records: 1.3 passes
+    c.num_steps = 200
     c.psd.alpha_max = 0.0  # PSD's teachers embed tokens: plain InfoNCE against the locked text embeddings
     c.psd.teacher = "self"
     c.evals = dict(heldout=dict(kind="embedding_retrieval", split="heldout", every=0))
