@@ -111,4 +111,14 @@ def test_a_short_lit_run_on_the_dataset(tmp_path, monkeypatch):
     assert all(np.isfinite(v) for v in results["heldout"].values())
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["text"]["input_dim"] == D and saved["data"]["source"] == "arrayrecord"
+    import softalign
+
+    model = softalign.load(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="precomputed"):
+        model.encode_text(["a red circle"])
+    with pytest.raises(ValueError, match="precomputed"):
+        model.zero_shot_classifier(["red", "blue"])
+    out = model.encode_text_embedding(np.ones((3, 2, D), np.float32))
+    assert out.shape == (6, model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
     jax.clear_caches()

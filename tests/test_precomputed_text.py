@@ -121,3 +121,12 @@ def test_config_refusals(overrides, match):
 def test_k1_infonce_is_allowed():
     c = precomputed_config(**{"objective.name": "infonce", "data.text_embedding_shape": (1, D_IN)})
     checks.validate(c, num_data_shards=2)
+
+
+def test_evaluators_that_encode_captions_are_refused_when_built():
+    """softalign.evaluate builds evaluators from a run's config: the same refusal, before any data loads."""
+    from softalign.evaluation import suite
+
+    c = precomputed_config()
+    with pytest.raises(ConfigError, match="encodes caption strings"):
+        suite.build_evaluators(c, None, evals={"color": {"kind": "synthetic_zeroshot", "attribute": "color"}})

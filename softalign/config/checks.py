@@ -50,7 +50,6 @@ def validate_eval(config: Any, *, num_devices: int, available_devices: int | Non
     """The checks standalone evaluation needs (its batch is split over ``num_devices``)."""
     _check_devices(config, available_devices)
     _check_batch(config, "eval_batch_size", num_devices)
-    _check_text_free_evals(config)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -149,15 +148,15 @@ def _check_text_embeddings(config: Any) -> None:
     _require(config.psd.alpha_max == 0 and config.grad_accum_steps == 1,
              "model.text.kind='precomputed': set psd.alpha_max=0 and grad_accum_steps=1 (PSD's teachers and the "
              "accumulated step embed tokens)")
-    _check_text_free_evals(config)
+    check_text_free_evals(config, config.evals)
 
 
-def _check_text_free_evals(config: Any) -> None:
+def check_text_free_evals(config: Any, evals: Any) -> None:
     """A precomputed-text model cannot embed caption strings: only text-free evaluators (embedding_retrieval reads
-    the split's own text embeddings)."""
+    the split's own text embeddings). Checked at config time and again when evaluators are built."""
     if config.model.text.get("kind", "transformer") != "precomputed":
         return
-    for name, spec in config.evals.items():
+    for name, spec in evals.items():
         kind = spec.get("kind") if hasattr(spec, "get") else None
         _require(kind in TEXT_FREE_EVALS,
                  f"evals.{name}.kind={kind!r} encodes caption strings, which model.text.kind='precomputed' cannot: "

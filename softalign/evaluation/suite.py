@@ -19,6 +19,7 @@ import softalign.evaluation.linear_probe  # noqa: F401
 import softalign.evaluation.nmtune  # noqa: F401
 import softalign.evaluation.retrieval  # noqa: F401
 import softalign.evaluation.zeroshot  # noqa: F401
+from softalign.config import checks
 from softalign.evaluation.base import (
     EncodeFn,
     EvalContext,
@@ -39,6 +40,7 @@ def build_evaluators(config: Any, tokenizer: Any, sharding=None, *, evals: Optio
     """Builds every evaluator of ``config.evals`` (or of `evals`), loading its data once, sorted by name."""
     ctx = EvalContext(config.data, tokenizer, int(config.eval_batch_size), sharding, progress)
     evals = config.evals if evals is None else evals
+    checks.check_text_free_evals(config, evals)  # a precomputed-text model runs only text-free kinds
     return [build_evaluator(name, options, ctx) for name, options in sorted(evals.items())]
 
 
