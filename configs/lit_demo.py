@@ -8,7 +8,9 @@ learns to meet them through a trained MLP projector (model.text.kind='precompute
 The first step writes 20,000 train and 1,000 held-out synthetic records with their teacher text embedding (K = 1,
 float16) as ArrayRecord shards in <workdir>/lit_data (softalign/training/lit.py) through the real converter; the
 run then trains on that ArrayRecord path. Held-out retrieval ranks the held-out records' own text embeddings
-(evals kind 'embedding_retrieval'; the caption-string evaluators need a text transformer).
+(evals kind 'embedding_retrieval'; the caption-string evaluators need a text transformer). Measured on 2 busy CPU
+cores: 1 m 46 s in all (about 40 s of it writing the dataset), held-out i2t R@5 = 49.2% and t2i R@5 = 44.4% (chance
+0.5%), i2t R@1 = 16.2% (chance 0.1%); a rerun reuses the dataset.
 """
 
 from softalign.config.schema import demo_config

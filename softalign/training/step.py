@@ -197,7 +197,7 @@ def make_train_step(
 
         if grad_accum_steps > 1:
             (loss, (metrics, host)), grads, objective_grads = accumulate.cached_feature_grads(
-                student, loss_of_embeddings, state.params, batch["image"], batch[text_key], grad_accum_steps, mesh,
+                student, loss_of_embeddings, state.params, batch["image"], batch["tokens"], grad_accum_steps, mesh,
                 split=split_params)
             if objective_grads:
                 grads = {**grads, OBJECTIVE_PARAMS: objective_grads}
