@@ -112,7 +112,11 @@ def test_a_short_lit_run_on_the_dataset(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["text"]["input_dim"] == D and saved["data"]["source"] == "arrayrecord"
     import softalign
+    from softalign.cli import evaluate
 
+    payload = evaluate.evaluate_checkpoint(evaluate.run_config(str(tmp_path / "run")), str(tmp_path / "run"))
+    assert set(payload["results"]) == {"heldout"}                          # the run's own evals, text-free
+    assert payload["results"]["heldout"]["i2t_R@5"] == pytest.approx(results["heldout"]["i2t_R@5"])
     model = softalign.load(str(tmp_path / "run"))
     with pytest.raises(ValueError, match="precomputed"):
         model.encode_text(["a red circle"])
