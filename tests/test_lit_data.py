@@ -126,3 +126,32 @@ def test_a_short_lit_run_on_the_dataset(tmp_path, monkeypatch):
     assert out.shape == (6, model.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
     jax.clear_caches()
+
+
+def test_k2_facets_through_the_arrayrecord_path_and_the_loop(tmp_path):
+    """Converter (N, 2, D) table -> ArrayRecord -> pipeline -> train step with multi_positive_sigmoid (K = 2 reached
+    the objective: done.json's train/facets) -> embedding_retrieval with 2 captions per image."""
+    from softalign.data import convert
+    from softalign.evaluation.retrieval import retrieval_chance
+    from softalign.training import train
+
+    c = tiny_config(**{"data.train_size": 64, "data.heldout_size": 32})
+    out = tmp_path / "data"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    for split, name in lit.SPLITS:
+        source = build_source(c.data, split)
+        convert.convert_split(source, str(out), name, num_threads=1, show_progress=False,
+                              text_embeddings=rng.normal(size=(len(source), 2, D)).astype(np.float32))
+    c = tiny_config(**{"data.source": "arrayrecord", "data.path": str(out), "data.text_embedding_shape": (2, D),
+                       "model.text.kind": "precomputed", "model.text.input_dim": D, "model.text.projector_hidden": 8,
+                       "objective.name": "multi_positive_sigmoid", "model.logit_scale_init": 10.0,
+                       "psd.alpha_max": 0.0, "psd.teacher": "self", "num_steps": 4, "checkpoint_every": 4,
+                       "num_devices": 4, "evals": {"heldout": {"kind": "embedding_retrieval"}}})
+    results = train.train_and_evaluate(c, str(tmp_path / "run"))
+    done = json.loads((tmp_path / "run" / "done.json").read_text())
+    assert done["train"]["train/facets"] == 2.0 and np.isfinite(done["train"]["train/loss"])
+    assert np.isfinite(results["heldout"]["i2t_R@5"])
+    evaluator, = suite.build_evaluators(c, synthetic_tokenizer(24, vocab_size=300, num_captions=200))
+    assert evaluator.chance["i2t_R@5"] == pytest.approx(retrieval_chance(32, 64, 2, 5)["i2t_R@5"])
+    jax.clear_caches()
