@@ -95,12 +95,26 @@ class Model:
     def encode_text(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
         """L2-normalised text embeddings (n, D); tokenized (and truncated) with the run's tokenizer."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return self._embed(self._encode_text, self.tokenizer.encode_batch(texts))
+        return self._embed(self._encode_text, self._tokens(texts))
+
+    def encode_text_embedding(self, embeddings: np.ndarray) -> np.ndarray:
+        """A precomputed-text model's joint-space embeddings (n*K, D) of text embeddings (n, [K,] input_dim)."""
+        if self.config.model.text.get("kind", "transformer") != "precomputed":
+            raise ValueError("encode_text_embedding is for model.text.kind='precomputed'; use encode_text")
+        arr = np.asarray(embeddings, np.float32)
+        return self._embed(self._encode_text, arr.reshape(-1, arr.shape[-1]))
+
+    def _tokens(self, texts: Sequence[str]) -> np.ndarray:
+        if self.config.model.text.get("kind", "transformer") == "precomputed":
+            raise ValueError("this model's text tower reads precomputed text embeddings (model.text.kind="
+                             "'precomputed'), not caption strings: use encode_text_embedding")
+        return self.tokenizer.encode_batch(texts)
 
     def zero_shot_classifier(self, classnames: Sequence[str],
                              templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
         """(C, D) zero-shot weights: per class, the renormalised mean of its prompts' normalised embeddings
         (templates with a ``{}``), as the zero-shot evaluator builds them."""
+        self._tokens([])   # refuses a precomputed-text model
         encode = lambda tokens: self._embed(self._encode_text, tokens)
         return build_classifier(encode, self.tokenizer, list(classnames), list(templates))
 

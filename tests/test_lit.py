@@ -49,3 +49,19 @@ def test_unknown_tower_is_refused():
     with pytest.raises(ValueError, match="optim.freeze"):
         tx, _ = make_optimizer(c.optim, 4)
         tx.init({"txt": jnp.zeros(2)})
+
+
+@pytest.mark.parametrize("freeze", [("text",), ("vision",)])
+def test_locked_tower_with_the_projector_model(freeze):
+    """optim.freeze on a precomputed-text model: the locked tower (the MLP projector, or the image tower) stays
+    bit-identical through the real step with K=2 facets; the other tower and the objective's bias train."""
+    from test_precomputed_text import _batches, precomputed_config, run_steps
+
+    c = precomputed_config(**{"optim.freeze": freeze, "optim.weight_decay": 0.5})
+    before, after, metrics = run_steps(c, 2, _batches())
+    locked, = freeze
+    other = "vision" if locked == "text" else "text"
+    jax.tree.map(np.testing.assert_array_equal, after[locked], before[locked])
+    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), after[other], before[other])))
+    assert float(after["objective"]["bias"]) != float(before["objective"]["bias"])
+    assert np.isfinite(float(metrics[-1]["loss"]))

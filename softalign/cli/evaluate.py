@@ -142,6 +142,7 @@ def evaluate_checkpoint(config: Any, workdir: str, *, step: Optional[int] = None
 
     from softalign import workdir as run_files
     from softalign.evaluation import suite
+    from softalign.models import example_inputs
     from softalign.parallel import sharding
     from softalign.training import checkpointing, setup
 
@@ -158,10 +159,9 @@ def evaluate_checkpoint(config: Any, workdir: str, *, step: Optional[int] = None
     batch = int(config.eval_batch_size)
     batch_sharding = sharding.batch_sharding(mesh)
     start = time.perf_counter()  # Compile both towers once up front, so the timings below are steady-state.
-    size, length = config.data.image_size, config.model.text.context_length
-    jax.block_until_ready(enc_img(jax.device_put(jax.numpy.zeros((batch, size, size, 3)), batch_sharding)))
-    jax.block_until_ready(enc_txt(jax.device_put(jax.numpy.zeros((batch, length), jax.numpy.int32),
-                                                 batch_sharding)))
+    images, texts = example_inputs(config.model, batch)  # tokens, or a precomputed-text model's embeddings
+    jax.block_until_ready(enc_img(jax.device_put(images, batch_sharding)))
+    jax.block_until_ready(enc_txt(jax.device_put(texts, batch_sharding)))
     compile_s = time.perf_counter() - start
 
     results: dict[str, dict[str, float]] = {}
@@ -225,6 +225,8 @@ def run_config(workdir: str, config: Any = None) -> Any:
                             "(is --workdir a training run's directory?)")
     merged = base_config()
     merged.update(saved)
+    if isinstance(saved.get("evals"), dict):  # the run's own evaluators, not those plus the schema's defaults
+        merged.evals = type(merged.evals)(saved["evals"])
     return merged
 
 

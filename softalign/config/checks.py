@@ -121,6 +121,48 @@ def _check_model(model: Any) -> None:
                                     "(start and end of text)")
 
 
+# evaluator kinds that never encode caption strings: the ones a precomputed-text model can run
+TEXT_FREE_EVALS = ("embedding_retrieval", "linear_probe")
+PRECOMPUTED_OBJECTIVES = ("infonce", "siglip", "multi_positive_sigmoid")
+
+
+def _check_text_embeddings(config: Any) -> None:
+    """data.text_embedding_shape and model.text.kind='precomputed' agree, and the rest of the run can use them."""
+    shape = tuple(config.data.get("text_embedding_shape", ()) or ())
+    _require(len(shape) in (0, 2) and all(isinstance(s, int) and s >= 1 for s in shape),
+             f"data.text_embedding_shape={shape} must be () or (K, D_in) with K, D_in >= 1")
+    facets = shape[0] if shape else 1
+    _require(facets == 1 or config.objective.name == "multi_positive_sigmoid",
+             f"data.text_embedding_shape={shape}: K={facets} facets per record need "
+             f"objective.name='multi_positive_sigmoid' (objective.name={config.objective.name!r} takes one text per "
+             "image)")
+    if config.model.text.get("kind", "transformer") != "precomputed":
+        return
+    filled = bool(config.get("lit", {}).get("embeddings_from", ""))  # lit.embeddings_from fills both in
+    _require(filled or (len(shape) == 2 and shape[1] == config.model.text.input_dim),
+             f"model.text.kind='precomputed' reads data.text_embedding_shape=(K, model.text.input_dim): got "
+             f"{shape} and input_dim={config.model.text.input_dim}")
+    _require(config.objective.name in PRECOMPUTED_OBJECTIVES,
+             f"model.text.kind='precomputed' trains with objective.name in {PRECOMPUTED_OBJECTIVES}, not "
+             f"{config.objective.name!r}")
+    _require(config.psd.alpha_max == 0 and config.grad_accum_steps == 1,
+             "model.text.kind='precomputed': set psd.alpha_max=0 and grad_accum_steps=1 (PSD's teachers and the "
+             "accumulated step embed tokens)")
+    check_text_free_evals(config, config.evals)
+
+
+def check_text_free_evals(config: Any, evals: Any) -> None:
+    """A precomputed-text model cannot embed caption strings: only text-free evaluators (embedding_retrieval reads
+    the split's own text embeddings). Checked at config time and again when evaluators are built."""
+    if config.model.text.get("kind", "transformer") != "precomputed":
+        return
+    for name, spec in evals.items():
+        kind = spec.get("kind") if hasattr(spec, "get") else None
+        _require(kind in TEXT_FREE_EVALS,
+                 f"evals.{name}.kind={kind!r} encodes caption strings, which model.text.kind='precomputed' cannot: "
+                 f"use one of {TEXT_FREE_EVALS} (embedding_retrieval ranks the split's own text_embedding)")
+
+
 def _check_loop(config: Any) -> None:
     """The loop's periods and the checkpoints it keeps."""
     for key in ("log_every", "checkpoint_every"):
@@ -145,10 +187,14 @@ def validate(config: Any, *, num_data_shards: int, workdir: str | None = None,
         _check_batch(config, key, num_data_shards)
     _check_loop(config)
     _check_model(config.model)
+    _check_text_embeddings(config)
     model = config.model
     if model.text.vocab_size <= 0 or model.text.eot_id < 0:  # filled in from the tokenizer later
         model = ml_collections.ConfigDict(model.to_dict())
         model.text.vocab_size, model.text.eot_id = max(model.text.vocab_size, 2), 1
+    if model.text.get("kind", "") == "precomputed" and model.text.input_dim < 1:  # lit.embeddings_from fills it
+        model = ml_collections.ConfigDict(model.to_dict())
+        model.text.input_dim = 1
     try:
         validate_model_config(model)
     except (ValueError, ArithmeticError) as e:

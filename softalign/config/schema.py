@@ -19,6 +19,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = model_preset("demo")
     c.model.text.vocab_size = -1  # -1: take vocab_size and eot_id from the tokenizer
     c.model.text.eot_id = -1
+    # text.kind 'precomputed' (FLAME / LiT; docs/method.md): no text transformer; an MLP (projector_hidden wide, 0: one
+    # linear layer, after a LayerNorm) maps each record's data.text_embedding_shape = (K, input_dim) precomputed
+    # embeddings into the joint space. K > 1 needs objective.name='multi_positive_sigmoid'.
+    c.model.text.kind = "transformer"
+    c.model.text.input_dim = 0
+    c.model.text.projector_hidden = 512
     c.data = default_data_config()
     c.data.name = ""  # dataset name for real sources (e.g. 'cc12m'); the synthetic source ignores it
     c.data.path = ""  # where a real source's files are (shards, folder, TFDS data_dir)
@@ -107,6 +113,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.aclip = ml_collections.ConfigDict(dict(
         views=1, crop_scale=(0.5, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0), simclr_weight=0.0,
         simclr_temperature=0.1, simclr_pairs="views", byol_weight=0.0, head_hidden=4096, head_dim=256))
+
+    # lit.embeddings_from: a finished run's workdir whose (frozen) text tower embeds the synthetic source's captions
+    # into an ArrayRecord dataset with text_embedding (softalign/training/lit.py), which this run then trains on;
+    # data.path, data.text_embedding_shape and model.text.input_dim are filled in. lit.data_dir: where that dataset
+    # goes (empty: <workdir>/lit_data); an existing one made from the same run and sizes is reused.
+    c.lit = ml_collections.ConfigDict(dict(embeddings_from="", data_dir=""))
 
     c.log_every = 50
     c.checkpoint_every = 500

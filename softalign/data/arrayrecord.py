@@ -2,10 +2,13 @@
 
 Record format (version 1): each ArrayRecord record is one msgpack map
     {"v": 1, "image": <bin: encoded image bytes, as downloaded>, "captions": [<str>, ...],
-     "key": <str, optional>, "meta": <map, optional>}
+     "key": <str, optional>, "meta": <map, optional>,
+     "text_embedding": <map, optional: {"dtype": "float16"|"float32", "shape": [K, D_in], "data": <bin>}>}
 Readers also accept "caption" (one str) instead of "captions", and captions stored as bin (checked as UTF-8 when
-read). Shards are written with ``group_size:1`` (one record per chunk: O(1) random access) and no compression
-(JPEG does not compress). Shard names: ``<split>-<k:05d>-of-<n:05d>.array_record``.
+read). ``text_embedding`` (softalign.data.text_embedding) is optional: readers that predate it ignore it, and
+records without it still read (a run that needs it skips them as ``bad_text_embedding``). Shards are written
+with ``group_size:1`` (one record per chunk: O(1) random access) and no compression (JPEG does not compress).
+Shard names: ``<split>-<k:05d>-of-<n:05d>.array_record``.
 
 Shard problems are skipped and counted (`softalign.data.skips`): a shard that cannot be opened is left out
 (``corrupt_shard``, once per shard, with a warning); a record that fails its checksum or does not parse comes out
@@ -22,7 +25,7 @@ import msgpack
 from absl import logging
 from array_record.python import array_record_module
 
-from softalign.data import skips
+from softalign.data import skips, text_embedding
 from softalign.data.registry import register_source, resolve_split, shard_paths
 
 FORMAT_VERSION = 1
@@ -31,8 +34,8 @@ EXTENSION = ".array_record"
 
 
 def encode_record(image: bytes, captions: Sequence[str] | str, key: str = "",
-                  meta: dict[str, Any] | None = None) -> bytes:
-    """Serialises one example in format version 1."""
+                  meta: dict[str, Any] | None = None, text_emb: Any = None) -> bytes:
+    """Serialises one example in format version 1; `text_emb`: an optional (K, D_in) float16/float32 array."""
     if isinstance(captions, (str, bytes)):
         captions = [captions]
     record: dict[str, Any] = {"v": FORMAT_VERSION, "image": bytes(image), "captions": list(captions)}
@@ -40,6 +43,8 @@ def encode_record(image: bytes, captions: Sequence[str] | str, key: str = "",
         record["key"] = str(key)
     if meta:
         record["meta"] = meta
+    if text_emb is not None:
+        record[text_embedding.FIELD] = text_embedding.pack(text_emb)
     return msgpack.packb(record, use_bin_type=True)
 
 

@@ -7,7 +7,9 @@
 
 Every record is validated the way training validates it (captions checked, image fully decoded, pixel limit);
 bad records are left out and counted by reason. Good images keep their original bytes (no re-encoding) unless
-``--max_side`` asks to shrink larger ones; decoded arrays (e.g. from TFDS) are stored as JPEG (quality 95).
+``--max_side`` asks to shrink larger ones; ``--text_embeddings`` attaches record i's row of an (N, K, D_in)
+float16/float32 .npy as its ``text_embedding`` (a non-finite row is a ``bad_text_embedding`` skip);
+decoded arrays (e.g. from TFDS) are stored as JPEG (quality 95).
 Record i of the input lands in shard ``i * num_shards // n``, so the output keeps the input order. Shards are
 written under temporary names and renamed when complete. The command ends with one summary line per split and
 writes ``dataset_info.json`` (counts, skip reasons, shard list) to the output folder.
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from softalign.data import arrayrecord, decode, skips
+from softalign.data import arrayrecord, decode, skips, text_embedding
 from softalign.data.skips import BadRecord
 from softalign.data.sources import build_source
 
@@ -80,11 +82,17 @@ def _encode_array(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def validate_record(raw: dict[str, Any], *, pixel_limit: int, max_side: int = 0
+def validate_record(raw: dict[str, Any], *, pixel_limit: int, max_side: int = 0, text_emb: Any = None
                     ) -> tuple[bytes | None, str, dict[str, int]]:
-    """(serialised record or None, skip reason or '', dropped-caption counts) for one raw record."""
+    """(serialised record or None, skip reason or '', dropped-caption counts) for one raw record; `text_emb`: its
+    (K, D_in) text embeddings to store."""
     if raw.get("_skip"):
         return None, str(raw["_skip"]), {}
+    if text_emb is not None:
+        try:
+            text_emb = text_embedding.check_array(text_emb)
+        except ValueError:
+            return None, skips.BAD_TEXT_EMBEDDING, {}
     try:
         captions, dropped = decode.check_captions(decode.raw_captions(raw))
         image = raw.get("image")
@@ -106,7 +114,8 @@ def validate_record(raw: dict[str, Any], *, pixel_limit: int, max_side: int = 0
     except BadRecord as e:
         return None, e.reason, {}
     key = raw.get("key", "")
-    return arrayrecord.encode_record(data, captions, key=str(key) if key is not None else ""), "", dropped
+    return arrayrecord.encode_record(data, captions, key=str(key) if key is not None else "",
+                                     text_emb=text_emb), "", dropped
 
 
 def _shard_paths(output_dir: str, split: str, num_shards: int) -> list[str]:
@@ -115,12 +124,15 @@ def _shard_paths(output_dir: str, split: str, num_shards: int) -> list[str]:
 
 def convert_split(source: Any, output_dir: str, split: str, *, num_shards: int = 0, num_threads: int = 8,
                   pixel_limit: int = decode.DEFAULT_PIXEL_LIMIT, max_side: int = 0, max_records: int = 0,
-                  show_progress: bool = True) -> dict[str, Any]:
+                  show_progress: bool = True, text_embeddings: Any = None) -> dict[str, Any]:
     """Writes `source` (its first `max_records` records when > 0) as ``<split>-*-of-*.array_record`` in
-    `output_dir`; returns the split's summary."""
+    `output_dir`; returns the split's summary. `text_embeddings` (N, K, D_in): row i becomes record i's
+    text_embedding (ValueError up front when it is not such an array or has fewer rows than records)."""
     from array_record.python import array_record_module
 
     n = len(source) if max_records <= 0 else min(len(source), max_records)
+    if text_embeddings is not None:
+        text_embeddings = text_embedding.check_table(text_embeddings, n)
     num_shards = max(1, min(num_shards or math.ceil(n / RECORDS_PER_SHARD), max(n, 1)))
     paths = _shard_paths(output_dir, split, num_shards)
     writers = [None] * num_shards
@@ -134,7 +146,8 @@ def convert_split(source: Any, output_dir: str, split: str, *, num_shards: int =
             raw = source[i]
         except Exception:  # an unreadable input record must not stop the conversion
             return None, skips.CORRUPT_RECORD, {}
-        return validate_record(raw, pixel_limit=pixel_limit, max_side=max_side)
+        return validate_record(raw, pixel_limit=pixel_limit, max_side=max_side,
+                               text_emb=None if text_embeddings is None else text_embeddings[i])
 
     try:
         with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
@@ -164,7 +177,8 @@ def convert_split(source: Any, output_dir: str, split: str, *, num_shards: int =
         os.replace(paths[shard] + ".tmp", paths[shard])
     return {"records": sum(written), "skipped": dict(sorted(skipped.items())),
             "dropped_captions": dict(sorted(dropped.items())),
-            "shards": [os.path.basename(p) for p in paths], "records_per_shard": written}
+            "shards": [os.path.basename(p) for p in paths], "records_per_shard": written,
+            **({} if text_embeddings is None else {"text_embedding_shape": list(text_embeddings.shape[1:])})}
 
 
 def default_splits(source: str, path: str) -> list[str]:
@@ -213,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--max_records", type=int, default=0, help="convert only the first N records per split")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards of the same split")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--text_embeddings", default="",
+                        help="a .npy (N, K, D_in) of per-record text embeddings, in input order ('{split}' is "
+                             "replaced by the split name)")
     args = parser.parse_args(argv)
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -242,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         result = convert_split(source, args.output_dir, split, num_shards=args.num_shards,
                                num_threads=args.num_threads, pixel_limit=args.pixel_limit,
                                max_side=args.max_side, max_records=args.max_records,
-                               show_progress=not args.quiet)
+                               show_progress=not args.quiet,
+                               text_embeddings=np.load(args.text_embeddings.replace("{split}", split), mmap_mode="r")
+                               if args.text_embeddings else None)
         for reason, n in index_time.items():    # found while opening the input (e.g. truncated tar shards)
             result["skipped"][reason] = result["skipped"].get(reason, 0) + n
         result["skipped"] = dict(sorted(result["skipped"].items()))

@@ -5,7 +5,7 @@ A *raw record* (what a source's ``__getitem__`` returns) is a dict with
   captions  a list of str/bytes, or caption: one str/bytes
   index     int (position in the source)
   _skip     optional: a reason string when the source already knows the record is unusable (e.g. corrupt)
-and optionally ``key``, ``labels``, ``caption_swapped``.
+and optionally ``key``, ``labels``, ``caption_swapped``, ``text_embedding`` (softalign.data.text_embedding).
 
 `prepare` turns it into ``{'image': PIL RGB image or uint8 (H, W, 3), 'captions': [str, ...], 'index', ...}`` or
 a `skips.Skipped` marker naming why the record cannot be used. JPEGs are decoded with PIL's draft mode (the DCT
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from softalign.data import skips
+from softalign.data import skips, text_embedding
 from softalign.data.skips import BadRecord
 
 DEFAULT_PIXEL_LIMIT = 64_000_000
@@ -193,15 +193,17 @@ def load_image(image: Any, *, min_size: int | None = None,
     raise BadRecord(skips.BAD_IMAGE, f"unsupported image value of type {type(image).__name__}")
 
 
-def prepare(record: dict[str, Any], *, min_size: int | None = None,
-            pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> dict[str, Any] | skips.Skipped:
+def prepare(record: dict[str, Any], *, min_size: int | None = None, pixel_limit: int = DEFAULT_PIXEL_LIMIT,
+            text_embedding_shape: Sequence[int] = ()) -> dict[str, Any] | skips.Skipped:
     """Raw record -> {'image': RGB PIL image | uint8 (H, W, 3), 'captions': [str, ...], 'index', 'caption_swapped',
-    ['labels', 'key', '_skips']} or a `Skipped` marker."""
+    ['labels', 'key', '_skips', 'text_embedding']} or a `Skipped` marker. A non-empty `text_embedding_shape` (K, D_in)
+    requires the record's text_embedding (float32 out; a bad one is a ``bad_text_embedding`` skip); () ignores it."""
     index = int(record.get("index", -1))
     if record.get("_skip"):
         return skips.Skipped(str(record["_skip"]), index)
     try:
         captions, dropped = check_captions(raw_captions(record))
+        embedding = text_embedding.read(record, text_embedding_shape) if len(text_embedding_shape) else None
         image = load_image(record.get("image"), min_size=min_size, pixel_limit=pixel_limit)
     except BadRecord as e:
         return skips.Skipped(e.reason, index)
@@ -210,6 +212,8 @@ def prepare(record: dict[str, Any], *, min_size: int | None = None,
     for key in ("labels", "key"):
         if key in record:
             out[key] = record[key]
+    if embedding is not None:
+        out[text_embedding.FIELD] = embedding
     if dropped:
         out[skips.ELEMENT_KEY] = dropped
     return out

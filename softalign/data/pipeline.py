@@ -23,6 +23,9 @@ Data config keys read here (ml_collections ConfigDict or dict; defaults in brack
   crop_scale [(0.9, 1.0)]      area range of the random resized crop (no flips: captions name positions)
   crop_ratio [(3/4, 4/3)]      aspect-ratio range of that crop (clipped so the crop fits the image)
   mean, std [CLIP's]           per-channel normalisation of [0, 1] pixels
+  text_embedding_shape [()]   (K, D_in): every record carries K precomputed text embeddings of width D_in
+                               (softalign.data.text_embedding), batched as 'text_embedding' float32 (b, K, D_in);
+                               records without a usable one are skipped (bad_text_embedding). (): the field is ignored
   num_threads [2]              Grain read threads (JPEG decoding releases the GIL)
   prefetch_buffer_size [4]     records Grain prepares ahead
   num_workers [0]              Grain worker processes (mp_prefetch) that decode and batch; 0: in-process
@@ -51,11 +54,12 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from softalign.data import decode, skips
+from softalign.data import decode, skips, text_embedding
 from softalign.data.decode import crop_resize, image_size, resize_center  # noqa: F401 (re-exported)
 from softalign.data.sources import build_source
 from softalign.data.tokenizer import Tokenizer
 
+TEXT_EMBEDDING = text_embedding.FIELD
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -68,7 +72,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         image_size=32, train_size=50_000, heldout_size=1000, seed=0, heldout_seed=-1,
         caption_noise=0.0, train_fraction=1.0, max_objects=3, color_weights=(), crop_scale=(0.9, 1.0),
         crop_ratio=(3 / 4, 4 / 3),
-        mean=CLIP_MEAN, std=CLIP_STD, num_threads=2, prefetch_buffer_size=4, num_workers=0,
+        mean=CLIP_MEAN, std=CLIP_STD, text_embedding_shape=(), num_threads=2, prefetch_buffer_size=4, num_workers=0,
         batch_prefetch=2))
 
 
@@ -107,8 +111,9 @@ class DecodeAndAugment(grain.transforms.RandomMap):
 
     def __init__(self, size: int, scale: Sequence[float] = (0.9, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                  pixel_limit: int = decode.DEFAULT_PIXEL_LIMIT, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+                 std: Sequence[float] | None = None, text_embedding_shape: Sequence[int] = ()):
         self.crop = RandomResizedCrop(size, scale, ratio)
+        self.text_embedding_shape = tuple(int(s) for s in text_embedding_shape)
         self.min_size = decode.draft_size(size, scale[0])
         self.pixel_limit = int(pixel_limit)
         self.mean = None if mean is None else tuple(mean)
@@ -117,7 +122,8 @@ class DecodeAndAugment(grain.transforms.RandomMap):
     def random_map(self, record: Any, rng: np.random.Generator) -> Any:
         if isinstance(record, skips.Skipped):
             return record
-        element = decode.prepare(record, min_size=self.min_size, pixel_limit=self.pixel_limit)
+        element = decode.prepare(record, min_size=self.min_size, pixel_limit=self.pixel_limit,
+                                 text_embedding_shape=self.text_embedding_shape)
         if isinstance(element, skips.Skipped):
             return element
         element = self.crop.random_map(element, rng)
@@ -158,6 +164,8 @@ class CollateAndTokenize:
             "tokens": self.tokenizer.encode_batch([e["caption"] for e in elements]),
             "index": np.array([e["index"] for e in elements], np.int64),
             **{k: np.stack([e["truth"][k] for e in elements]) for k in elements[0].get("truth", {})},
+            **({TEXT_EMBEDDING: np.stack([e[TEXT_EMBEDDING] for e in elements])}
+               if TEXT_EMBEDDING in elements[0] else {}),
             skips.STATS_KEY: skips.batch_stats(list(elements)),
         }
 
@@ -208,7 +216,8 @@ def make_train_dataset(data_config: Any, tokenizer: Tokenizer, *, global_batch_s
     augment = DecodeAndAugment(_get(data_config, "image_size", 32), _get(data_config, "crop_scale", (0.9, 1.0)),
                                _get(data_config, "crop_ratio", (3 / 4, 4 / 3)),
                                _get(data_config, "pixel_limit", decode.DEFAULT_PIXEL_LIMIT),
-                               _get(data_config, "mean", CLIP_MEAN), _get(data_config, "std", CLIP_STD))
+                               _get(data_config, "mean", CLIP_MEAN), _get(data_config, "std", CLIP_STD),
+                               _get(data_config, "text_embedding_shape", ()))
     collate = CollateAndTokenize(tokenizer, _get(data_config, "mean", CLIP_MEAN),
                                  _get(data_config, "std", CLIP_STD))
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
@@ -233,7 +242,8 @@ def make_train_dataset(data_config: Any, tokenizer: Tokenizer, *, global_batch_s
 def make_train_iterator(data_config: Any, tokenizer: Tokenizer, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
     """Checkpointable iterator of local batches {'image' f32 (b,H,W,3), 'tokens' i32 (b,L), 'index' i64 (b,)}
-    (the synthetic source adds its ground truth: `scene_truth.FIELDS`)."""
+    (the synthetic source adds its ground truth: `scene_truth.FIELDS`; data.text_embedding_shape (K, D_in) adds
+    'text_embedding' f32 (b, K, D_in))."""
     return iter(make_train_dataset(data_config, tokenizer, global_batch_size=global_batch_size, seed=seed,
                                    process_index=process_index, process_count=process_count))
 
@@ -247,14 +257,16 @@ def data_metrics() -> dict[str, float]:
 def make_eval_arrays(source: Any, tokenizer: Tokenizer, image_size: int, *,
                      mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                      max_examples: int | None = None, pixel_limit: int = decode.DEFAULT_PIXEL_LIMIT,
-                     num_threads: int = 4) -> dict[str, Any]:
+                     num_threads: int = 4, text_embedding_shape: Sequence[int] = ()) -> dict[str, Any]:
     """Materialises a small eval split (shorter side resized to `image_size`, centre crop; first usable caption):
-    {'image' f32 (n,H,W,3), 'tokens' i32 (n,L), 'index' i64 (n,), 'caption' str (n,), 'labels': {name: i32 (n,)}}
-    (labels only when every record has them). Bad records among the first `max_examples` are skipped and counted."""
+    {'image' f32 (n,H,W,3), 'tokens' i32 (n,L), 'index' i64 (n,), 'caption' str (n,), 'labels': {name: i32 (n,)},
+    'text_embedding' f32 (n,K,D_in)} (labels only when every record has them; text_embedding with a
+    `text_embedding_shape`). Bad records among the first `max_examples` are skipped and counted."""
     n = len(source) if max_examples is None else min(len(source), int(max_examples))
 
     def load(i: int) -> Any:
-        element = decode.prepare(source[i], min_size=image_size, pixel_limit=pixel_limit)
+        element = decode.prepare(source[i], min_size=image_size, pixel_limit=pixel_limit,
+                                 text_embedding_shape=text_embedding_shape)
         if not isinstance(element, skips.Skipped):
             element["image"] = resize_center(element["image"], image_size)
         return element
@@ -280,6 +292,8 @@ def make_eval_arrays(source: Any, tokenizer: Tokenizer, image_size: int, *,
         "index": np.array([r["index"] for r in records], np.int64),
         "caption": np.array(captions, dtype=np.str_),
     }
+    if len(text_embedding_shape):
+        out[TEXT_EMBEDDING] = np.stack([r[TEXT_EMBEDDING] for r in records])
     if all("labels" in r for r in records):
         out["labels"] = {k: np.array([r["labels"][k] for r in records], np.int32)
                          for k in records[0]["labels"]}
@@ -291,7 +305,8 @@ def make_eval_split(data_config: Any, tokenizer: Tokenizer, split: str = "heldou
     return make_eval_arrays(build_source(data_config, split), tokenizer,
                             int(_get(data_config, "image_size", 32)),
                             mean=_get(data_config, "mean", CLIP_MEAN), std=_get(data_config, "std", CLIP_STD),
-                            pixel_limit=int(_get(data_config, "pixel_limit", decode.DEFAULT_PIXEL_LIMIT)))
+                            pixel_limit=int(_get(data_config, "pixel_limit", decode.DEFAULT_PIXEL_LIMIT)),
+                            text_embedding_shape=_get(data_config, "text_embedding_shape", ()))
 
 
 def to_global_batch(batch: Any, sharding: jax.sharding.Sharding) -> Any:

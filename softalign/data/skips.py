@@ -41,6 +41,7 @@ CAPTION_NOT_UTF8 = "caption_not_utf8"
 MISSING_CAPTION = "missing_caption"          # e.g. a webdataset key without .txt
 CORRUPT_RECORD = "corrupt_record"            # an ArrayRecord record that fails its checksum or cannot be parsed
 CORRUPT_SHARD = "corrupt_shard"              # an ArrayRecord shard that cannot be opened (unit: shards)
+BAD_TEXT_EMBEDDING = "bad_text_embedding"    # a text_embedding that is missing, malformed, non-finite or misshapen
 TRUNCATED_SHARD = "truncated_shard"          # records lost at the cut end of a tar shard (>= 1 per cut shard)
 
 SKIPPED, DROPPED_CAPTION = "skipped", "dropped_caption"

@@ -2,7 +2,8 @@
 
 Each entry of ``config.evals`` is ``name -> {kind, every, ...options}``; ``every`` is the period in train steps
 (0: only at the end of training). Kinds plug in through `softalign.evaluation.base.register_evaluator`:
-``zeroshot`` / ``synthetic_zeroshot`` (zeroshot.py), ``retrieval`` (retrieval.py), ``linear_probe``
+``zeroshot`` / ``synthetic_zeroshot`` (zeroshot.py), ``retrieval`` (retrieval.py), ``embedding_retrieval``
+(embedding_retrieval.py: a precomputed-text model on a split's own text embeddings), ``linear_probe``
 (linear_probe.py), ``multi_positive_retrieval`` / ``compositional_probe`` (ground_truth.py, synthetic only).
 Results are fractions in [0, 1]; ``report_lines`` prints them as percentages beside chance.
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 # Importing the kind modules registers them.
+import softalign.evaluation.embedding_retrieval  # noqa: F401
 import softalign.evaluation.ground_truth  # noqa: F401
 import softalign.evaluation.linear_probe  # noqa: F401
 import softalign.evaluation.nmtune  # noqa: F401
 import softalign.evaluation.retrieval  # noqa: F401
 import softalign.evaluation.zeroshot  # noqa: F401
+from softalign.config import checks
 from softalign.evaluation.base import (
     EncodeFn,
     EvalContext,
@@ -37,6 +40,7 @@ def build_evaluators(config: Any, tokenizer: Any, sharding=None, *, evals: Optio
     """Builds every evaluator of ``config.evals`` (or of `evals`), loading its data once, sorted by name."""
     ctx = EvalContext(config.data, tokenizer, int(config.eval_batch_size), sharding, progress)
     evals = config.evals if evals is None else evals
+    checks.check_text_free_evals(config, evals)  # a precomputed-text model runs only text-free kinds
     return [build_evaluator(name, options, ctx) for name, options in sorted(evals.items())]
 
 

@@ -1,5 +1,9 @@
 """The CLIP model: ViT image tower + causal text tower + a learned temperature, in flax.linen.
 
+``model.text.kind='precomputed'`` replaces the text transformer by `projector.TextProjector`, an MLP over
+precomputed text embeddings (``model.text.input_dim`` wide; FLAME / LiT): the text input is then float
+(n, [K,] input_dim) instead of tokens, and K facets per record come out record-major (n*K, embed_dim).
+
 Why linen: its parameters are one plain nested-dict pytree, which the jitted train step, the sharding rules
 and Orbax checkpoints handle directly, with no module-state objects to split or merge.
 Parameters stay float32; `model.dtype` ('auto' | 'float32' | 'bfloat16'; softalign.models.precision) only sets
@@ -20,8 +24,16 @@ import ml_collections
 from softalign.models import views
 from softalign.models.layers import get_activation
 from softalign.models.precision import compute_dtype
+from softalign.models.projector import TextProjector
 from softalign.models.text import TextTransformer
 from softalign.models.vit import MASK_TYPES, POOL_TYPES, VisionTransformer
+
+TEXT_KINDS = ("transformer", "precomputed")
+
+
+def text_kind(model_config: ml_collections.ConfigDict) -> str:
+    """'transformer' (tokens in) or 'precomputed' (text embeddings in): ``model.text.kind``."""
+    return str(model_config.text.get("kind", "transformer"))
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -68,7 +80,19 @@ class CLIP(nn.Module):
             mask_ratio=float(v.get("mask_ratio", 0.0)),
             mask=v.get("mask", "random"),
         )
-        self.text = TextTransformer(
+        if text_kind(cfg) == "precomputed":
+            self.text = TextProjector(input_dim=int(t.input_dim), embed_dim=cfg.embed_dim,
+                                      hidden=int(t.get("projector_hidden", 0)), activation=cfg.activation, dtype=dtype)
+        else:
+            self.text = self._text_transformer(t, dtype, remat, scan)
+        init_value = math.log(cfg.get("logit_scale_init", 1.0 / 0.07))
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(init_value), (), jnp.float32
+        )
+
+    def _text_transformer(self, t: Any, dtype: Any, remat: bool, scan: bool) -> TextTransformer:
+        cfg = self.config
+        return TextTransformer(
             vocab_size=t.vocab_size,
             context_length=t.context_length,
             width=t.width,
@@ -82,17 +106,14 @@ class CLIP(nn.Module):
             remat=remat,
             scan=scan,
         )
-        init_value = math.log(cfg.get("logit_scale_init", 1.0 / 0.07))
-        self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(init_value), (), jnp.float32
-        )
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """Images (n, H, W, 3) float -> L2-normalised float32 (n, embed_dim)."""
         return l2_normalize(self.vision(images))
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
-        """Tokens (n, context_length) int -> L2-normalised float32 (n, embed_dim)."""
+        """Tokens (n, context_length) int -> L2-normalised float32 (n, embed_dim); a precomputed-text model takes
+        text embeddings (n, [K,] input_dim) float -> (n*K, embed_dim) instead."""
         return l2_normalize(self.text(tokens))
 
     def image_features(self, images: jax.Array, train: bool = False,
@@ -123,10 +144,13 @@ def build_model(model_config: ml_collections.ConfigDict) -> CLIP:
 
 
 def example_inputs(model_config: ml_collections.ConfigDict, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Zero ``(images, tokens)`` of the shapes the model takes: what ``init`` and shape inference need."""
+    """Zero ``(images, tokens)`` of the shapes the model takes (text embeddings (batch, input_dim) for a
+    precomputed-text model): what ``init`` and shape inference need."""
     size = model_config.vision.image_size
-    return (jnp.zeros((batch, size, size, 3), jnp.float32),
-            jnp.zeros((batch, model_config.text.context_length), jnp.int32))
+    images = jnp.zeros((batch, size, size, 3), jnp.float32)
+    if text_kind(model_config) == "precomputed":
+        return images, jnp.zeros((batch, int(model_config.text.input_dim)), jnp.float32)
+    return images, jnp.zeros((batch, model_config.text.context_length), jnp.int32)
 
 
 def abstract_params(model_config: ml_collections.ConfigDict) -> Any:
@@ -163,6 +187,12 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     if unmask < 0 or (unmask > 0 and not (ratio > 0 and v.get("mask", "random") == "random")):
         raise ValueError(f"model.vision.unmask_last_steps={unmask} must be >= 0, and > 0 only with FLIP's random "
                          "mask (mask='random', mask_ratio > 0)")
+    kind = text_kind(cfg)
+    if kind not in TEXT_KINDS:
+        raise ValueError(f"model.text.kind must be one of {TEXT_KINDS}, got {kind!r}.")
+    if kind == "precomputed" and (int(t.get("input_dim", 0)) < 1 or int(t.get("projector_hidden", 0)) < 0):
+        raise ValueError(f"model.text.kind='precomputed' needs model.text.input_dim >= 1 (got {t.get('input_dim')}) "
+                         f"and projector_hidden >= 0 (got {t.get('projector_hidden')}).")
     for name, tower in (("vision", v), ("text", t)):
         if tower.width % tower.num_heads != 0:
             raise ValueError(

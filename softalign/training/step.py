@@ -21,7 +21,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from softalign.models import views
-from softalign.models.clip import cls_attention
+from softalign.models.clip import cls_attention, text_kind
 from softalign.objectives import registry, soft_targets
 from softalign.objectives.aclip import AClip
 from softalign.objectives.base import LossInputs, Objective, ObjectiveContext
@@ -34,6 +34,8 @@ OBJECTIVE_PARAMS = "objective"  # params[OBJECTIVE_PARAMS]: the objective's own 
 MASK_KEY_SALT = 0x464C4950  # fold_in(step key, this): the FLIP mask's key ("FLIP")
 VIEW_KEY_SALT = 0x56494557  # fold_in(step key, this): A-CLIP's crop boxes ("VIEW")
 
+PRECOMPUTED_LIMITS = ("model.text.kind='precomputed' trains without PSD or distillation teachers (psd.alpha_max=0), "
+                      "with grad_accum_steps=1 and without A-CLIP's recipe: those embed tokens")
 StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]]
 
 
@@ -71,6 +73,11 @@ def create_state(params: Any, tx: optax.GradientTransformation, teacher: Teacher
         rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
+
+
+def recipe_needs_tokens(objective: Objective) -> bool:
+    """Whether the objective embeds the batch's tokens itself (A-CLIP's recipe)."""
+    return isinstance(objective, AClip)
 
 
 def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
@@ -127,6 +134,10 @@ def make_train_step(
         return model.apply({"params": split_params(params)[0]}, images, tokens)
 
     mask_ratio = float(model.config.vision.get("mask_ratio", 0.0)) if hasattr(model, "config") else 0.0
+    # the text tower's input: tokens, or (B, K, D_in) precomputed embeddings (their B*K facets come out record-major)
+    text_key = "text_embedding" if hasattr(model, "config") and text_kind(model.config) == "precomputed" else "tokens"
+    if text_key != "tokens" and (grad_accum_steps > 1 or use_teacher or recipe_needs_tokens(objective)):
+        raise ValueError(PRECOMPUTED_LIMITS)
     if mask_ratio > 0 and grad_accum_steps > 1:  # every micro-batch would reuse one mask key
         raise ValueError("model.vision.mask_ratio > 0 does not support grad_accum_steps > 1 yet")
 
@@ -193,7 +204,7 @@ def make_train_step(
         else:
             def loss_fn(p, student=student):
                 if recipe is None:
-                    return loss_of_embeddings(*student(p, images, batch["tokens"]), split_params(p)[1])
+                    return loss_of_embeddings(*student(p, images, batch[text_key]), split_params(p)[1])
                 # A-CLIP's recipe: the views' embeddings and pooled features, for its terms
                 model_params, objective_params = split_params(p)
                 img, pooled = model.apply({"params": model_params}, images, keep=keep, method=model.image_features)

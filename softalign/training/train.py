@@ -27,7 +27,7 @@ from softalign.evaluation import suite
 from softalign.models import CLIP, build_model, example_inputs, precision
 from softalign.objectives import memory_bank, prototypes, registry
 from softalign.parallel import sharding
-from softalign.training import checkpointing, elastic, external_teacher, setup, signals, writers
+from softalign.training import checkpointing, elastic, external_teacher, lit, setup, signals, writers
 from softalign.training.optim import make_optimizer
 from softalign.training.step import (
     StepFn,
@@ -270,6 +270,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_flag: signals.StopFlag | 
 
 
 def _train(config: Any, workdir: str, stop_flag: signals.StopFlag, started: float) -> Results:
+    config = lit.prepare(config, workdir)  # lit.embeddings_from: the teacher-embedded ArrayRecord dataset first
     run = build_run(config, workdir)
     if _stopped_early(stop_flag, "while the run was being built"):
         return {}
