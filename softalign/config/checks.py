@@ -154,7 +154,8 @@ def _check_text_embeddings(config: Any) -> None:
 def check_text_free_evals(config: Any, evals: Any) -> None:
     """A precomputed-text model cannot embed caption strings: only text-free evaluators (embedding_retrieval reads
     the split's own text embeddings). Checked at config time and again when evaluators are built."""
-    if config.model.text.get("kind", "transformer") != "precomputed":
+    model = getattr(config, "model", None)  # evaluation-only configs (e.g. a data section alone) have no model
+    if model is None or model.text.get("kind", "transformer") != "precomputed":
         return
     for name, spec in evals.items():
         kind = spec.get("kind") if hasattr(spec, "get") else None
