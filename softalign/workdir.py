@@ -15,6 +15,7 @@ TOKENIZER_FILE = "tokenizer.json"  # the vocabulary the run trained (reused on r
 RESULTS_FILE = "eval_results.json"  # the final evaluation
 DONE_FILE = "done.json"  # written last when a run completes: how sweeps tell finished runs
 CONFIG_FILE = "config.json"  # the resolved config (vocab and eot filled in), for softalign.load and the tools
+SCALARS_FILE = "scalars.jsonl"  # every logged scalar (train and periodic evals), one JSON line per logging call
 
 
 def is_fraction(metric: str) -> bool:
@@ -60,3 +61,20 @@ def read_done(workdir: str) -> dict[str, Any] | None:
     """The run's ``done.json`` (final step, num_steps, wall seconds, train metrics), or None if unfinished."""
     done = read_json(os.path.join(workdir, DONE_FILE))
     return done if isinstance(done, dict) else None
+
+
+def read_scalars(path: str) -> dict[int, dict[str, float]]:
+    """A `JsonlWriter` file as ``{step: {name: value}}``, lines of one step merged (a later line wins: a resumed
+    run's redo of a step replaces the first). A missing file is empty; a torn last line (a killed run) is skipped."""
+    out: dict[int, dict[str, float]] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = int(row.pop("step"))
+            out.setdefault(step, {}).update(row)
+    return dict(sorted(out.items()))

@@ -14,6 +14,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from softalign.training.writers import (
+    JsonlWriter,
     LoggingWriter,
     MultiWriter,
     ProgressReporter,
@@ -21,6 +22,7 @@ from softalign.training.writers import (
     create_writers,
     format_duration,
 )
+from softalign.workdir import SCALARS_FILE, read_scalars
 
 # ----------------------------------------------------------------------------- event file reader
 
@@ -111,6 +113,25 @@ def test_create_writers_just_logging_skips_event_files(tmp_path):
     loud.write_scalars(1, {"x": 1.0})
     loud.close()
     assert [tag for _, tag, _ in _values(read_events(str(tmp_path / "p0")))] == ["x"]
+    assert read_scalars(str(tmp_path / "p0" / SCALARS_FILE)) == {1: {"x": 1.0}}
+
+
+def test_jsonl_writer_round_trip_resume_and_torn_line(tmp_path):
+    path = str(tmp_path / "run" / SCALARS_FILE)
+    writer = JsonlWriter(path)
+    writer.write_scalars(50, {"train/loss": jnp.float32(2.5), "lr": np.float64(1e-3)})
+    writer.write_scalars(50, {"eval/heldout/i2t_R@5": 0.25})
+    writer.write_scalars(100, {"train/loss": 2.0})
+    writer.write_images(100, {"img": np.zeros((1, 2, 2, 3))})  # ignored, not an error
+    writer.close()
+    again = JsonlWriter(path)  # a resumed run appends; its redo of step 100 wins
+    again.write_scalars(100, {"train/loss": 1.5})
+    again.close()
+    with open(path, "a") as f:
+        f.write('{"step": 150, "train/lo')  # a run killed mid-line
+    assert read_scalars(path) == {50: {"train/loss": 2.5, "lr": 1e-3, "eval/heldout/i2t_R@5": 0.25},
+                                  100: {"train/loss": 1.5}}
+    assert read_scalars(str(tmp_path / "missing.jsonl")) == {}
 
 
 def test_logging_writer_compact_line(caplog):

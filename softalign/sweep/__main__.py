@@ -1,9 +1,10 @@
-"""``python -m softalign.sweep launch|aggregate``: run a grid of experiments, then tabulate and plot it.
+"""``python -m softalign.sweep launch|aggregate|curves``: run a grid of experiments, then tabulate and plot it.
 
     python -m softalign.sweep launch --sweep=configs/sweeps/synthetic_tiny.py --root=/tmp/sw --parallel=2 \\
         [--dry_run] [--print_commands] [--only=SUBSTRING ...] [--seeds=0,1,2] [--arg=KEY=VALUE ...] \\
         [-- --config.key=value ...]
     python -m softalign.sweep aggregate --root=/tmp/sw [--out=/tmp/sw/summary] [--metrics='*/i2t_R@1,*/top1']
+    python -m softalign.sweep curves --root=/tmp/sw --metric=heldout/i2t_R@5 --baseline=scratch
 
 Everything after ``--`` is passed to every run's ``python -m softalign.main`` (e.g. data paths).
 """
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from softalign.sweep import aggregate, launch, plan
+from softalign.sweep import aggregate, curves, launch, plan
 
 
 def _literal(text: str) -> Any:
@@ -42,7 +43,7 @@ def sweep_args(seeds: str, pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser (subcommands ``launch`` and ``aggregate``)."""
+    """The CLI's argument parser (subcommands ``launch``, ``aggregate`` and ``curves``)."""
     p = argparse.ArgumentParser(prog="python -m softalign.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +67,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--x", default="noise,fraction", help="variables to plot the metrics against")
     ap.add_argument("--series", default="method", help="the variable drawn as one line each")
     ap.add_argument("--seed_var", default="seed", help="the variable averaged over")
+    cp = sub.add_parser("curves", help="a metric against steps (periodic evals) and the speed-up at equal score")
+    cp.add_argument("--root", required=True)
+    cp.add_argument("--out", default="", help="output folder (default ROOT/summary)")
+    cp.add_argument("--metric", default="heldout/i2t_R@5", help="<eval>/<metric> of an evaluation with every > 0")
+    cp.add_argument("--baseline", required=True, help="the series value whose final score is the target")
+    cp.add_argument("--series", default="method", help="the variable drawn as one line each")
+    cp.add_argument("--seed_var", default="seed", help="the variable that pairs runs with the baseline")
     return p
 
 
@@ -83,7 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  print_commands=args.print_commands, only=args.only, extra=extra,
                                  args=sweep_args(args.seeds, args.arg), compilation_cache=args.compilation_cache)
         if extra:
-            raise plan.PlanError(f"aggregate takes no arguments after --: {extra}")
+            raise plan.PlanError(f"{args.command} takes no arguments after --: {extra}")
+        if args.command == "curves":
+            report = curves.curves_report(args.root, args.metric, args.baseline, args.out, args.series, args.seed_var)
+            print(report["table"])
+            print(f"\nWrote {report['md']}, {report['png']}")
+            return 0
         result = aggregate.aggregate(args.root, args.out, [m for m in args.metrics.split(",") if m],
                                      [x for x in args.x.split(",") if x], args.series, args.seed_var)
     except plan.PlanError as e:

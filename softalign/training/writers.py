@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -18,6 +19,8 @@ import tensorboardX
 from absl import logging
 from tensorboardX import summary as tbx_summary
 from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2
+
+from softalign.workdir import SCALARS_FILE
 
 Array = Any  # np.ndarray or jax.Array.
 Scalar = Any  # Python, numpy or jax scalar.
@@ -133,6 +136,40 @@ class LoggingWriter:
         """Nothing to release."""
 
 
+class JsonlWriter:
+    """Scalars as one JSON object per call, ``{"step": s, name: value, ...}``, appended to ``path`` (as big_vision's
+    metrics file): the run's curves without TensorBoard. A resumed run may write a step again; readers keep the last
+    line per step (`softalign.workdir.read_scalars`)."""
+
+    def __init__(self, path: str):
+        self._path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write_summaries(self, step: int, values: Mapping[str, Array], metadata: Optional[Mapping[str, Any]] = None):
+        """Raw summaries are not scalars: TensorBoard keeps them."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Scalar]):
+        row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def write_images(self, step: int, images: Mapping[str, Array]):
+        """Images are TensorBoard's."""
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        """Texts are TensorBoard's."""
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        """The run's config.json holds them."""
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
 class MultiWriter:
     """Forwards every call to each of `writers` in order."""
 
@@ -166,10 +203,11 @@ class MultiWriter:
 
 
 def create_writers(workdir: str, just_logging: bool) -> MultiWriter:
-    """Logging plus TensorBoard events in `workdir`; `just_logging` (non-zero process index) skips the events."""
+    """Logging, TensorBoard events and `SCALARS_FILE` (JSON lines) in `workdir`; `just_logging` (non-zero process
+    index) keeps the logging alone."""
     writers: list[Any] = [LoggingWriter()]
     if not just_logging:
-        writers.append(TensorBoardWriter(workdir))
+        writers += [TensorBoardWriter(workdir), JsonlWriter(os.path.join(workdir, SCALARS_FILE))]
     return MultiWriter(writers)
 
 
