@@ -52,7 +52,7 @@ def test_first_reach_interpolates_bounds_and_misses():
 
 
 def test_speedups_pair_seeds_with_the_baseline(sweep_root):
-    rows, runs = curves.speedups(sweep_root, METRIC, baseline="scratch")
+    rows, runs = curves.speedups(sweep_root, METRIC, baseline="scratch")  # target: scratch's final
     by = {(r["method"], r["seed"]): r for r in rows}
     assert ("empty", 0) not in by  # no evaluation logged: left out
     # seed 0: target 0.4 (scratch's final, at step 400); fast reaches it between 100 (0.2) and 200 (0.5)
@@ -69,11 +69,23 @@ def test_speedups_pair_seeds_with_the_baseline(sweep_root):
 def test_curves_cli_writes_table_and_plot(sweep_root, capsys):
     assert main(["curves", f"--root={sweep_root}", f"--metric={METRIC}", "--baseline=scratch"]) == 0
     printed = capsys.readouterr().out
-    assert "| fast | 65 ± 7.1 | 167 / ≤100 | 2.40× / ≥4.00× | 3.2 ± 1.1× |" in printed
-    assert "| slow | 10 | never | – | – (1 never) |" in printed
+    assert "| scratch's final | fast | 65 ± 7.1 | 167 / ≤100 | 2.40× / ≥4.00× | 3.2 ± 1.1× |" in printed
+    assert "| scratch's final | slow | 10 | never | – | – (1 not reached) |" in printed
     summary = os.path.join(sweep_root, "summary")
     assert os.path.getsize(os.path.join(summary, "curves.png")) > 1000
-    assert "target = scratch's final value" in open(os.path.join(summary, "curves.md")).read()
+    assert "scratch's final = its final value" in open(os.path.join(summary, "curves.md")).read()
+
+
+def test_fixed_targets_measure_both_sides_the_same_way(sweep_root):
+    rows, _ = curves.speedups(sweep_root, METRIC, baseline="scratch", targets=(0.3,))
+    by = {(r["method"], r["seed"]): r for r in rows}
+    # seed 0: scratch reaches 0.3 at step 300, fast between 100 (0.2) and 200 (0.5): 133.3
+    assert by[("scratch", 0)]["base_reach"] == 300.0 and by[("fast", 0)]["reach"] == pytest.approx(400 / 3)
+    assert by[("fast", 0)]["speedup"] == pytest.approx(300 / (400 / 3))
+    # seed 1: both at their first evaluation: a speed-up of 1 that is marked as unresolved
+    assert by[("fast", 1)]["bounded"] and by[("fast", 1)]["base_bounded"]
+    assert curves._speedup_text(by[("fast", 1)]) == "~1.00×"
+    assert by[("slow", 0)]["target_label"] == "30%" and by[("slow", 0)]["speedup"] is None
 
 
 def test_curves_without_the_baseline_is_a_clear_error(sweep_root, capsys):

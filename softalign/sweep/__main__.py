@@ -4,7 +4,7 @@
         [--dry_run] [--print_commands] [--only=SUBSTRING ...] [--seeds=0,1,2] [--arg=KEY=VALUE ...] \\
         [-- --config.key=value ...]
     python -m softalign.sweep aggregate --root=/tmp/sw [--out=/tmp/sw/summary] [--metrics='*/i2t_R@1,*/top1']
-    python -m softalign.sweep curves --root=/tmp/sw --metric=heldout/i2t_R@5 --baseline=scratch
+    python -m softalign.sweep curves --root=/tmp/sw --metric=heldout/i2t_R@5 --baseline=scratch [--targets=final,0.3]
 
 Everything after ``--`` is passed to every run's ``python -m softalign.main`` (e.g. data paths).
 """
@@ -71,7 +71,10 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--root", required=True)
     cp.add_argument("--out", default="", help="output folder (default ROOT/summary)")
     cp.add_argument("--metric", default="heldout/i2t_R@5", help="<eval>/<metric> of an evaluation with every > 0")
-    cp.add_argument("--baseline", required=True, help="the series value whose final score is the target")
+    cp.add_argument("--baseline", required=True, help="the series value the speed-ups are measured against")
+    cp.add_argument("--targets", default="final",
+                    help="comma-separated scores to reach (fractions for recalls/accuracies); 'final': the "
+                         "baseline's final score at each seed")
     cp.add_argument("--series", default="method", help="the variable drawn as one line each")
     cp.add_argument("--seed_var", default="seed", help="the variable that pairs runs with the baseline")
     return p
@@ -93,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:
             raise plan.PlanError(f"{args.command} takes no arguments after --: {extra}")
         if args.command == "curves":
-            report = curves.curves_report(args.root, args.metric, args.baseline, args.out, args.series, args.seed_var)
+            targets = [None if t.strip() == "final" else float(t) for t in args.targets.split(",") if t.strip()]
+            report = curves.curves_report(args.root, args.metric, args.baseline, args.out, args.series, args.seed_var,
+                                          targets)
             print(report["table"])
             print(f"\nWrote {report['md']}, {report['png']}")
             return 0

@@ -2,9 +2,10 @@
 first reaches a target score, and the speed-up at equal score against a baseline method, seed by seed. This is
 how TinyCLIP states its claim ("reaches the score of training from scratch 1.4-7.8x faster").
 
-The target of a seed is the baseline run's final value of the metric at that seed; a run reaches it at the first
-evaluation whose value is at least the target, with the step interpolated linearly from the evaluation before
-(a run at or above the target at its first evaluation reports that step, an upper bound marked ``≤``).
+A target is a fixed score, or the baseline run's final value at each seed. A run reaches it at the first
+evaluation at or above it, the step interpolated linearly from the evaluation before (a run already there at its
+first evaluation reports that step, an upper bound marked ``≤``). The speed-up at a target is the baseline's steps
+to reach it over the run's, both measured the same way.
 """
 
 from __future__ import annotations
@@ -41,31 +42,44 @@ def first_reach(curve: Curve, target: float) -> tuple[float, bool] | None:
     return None
 
 
-def speedups(root: str, metric: str, baseline: str, series: str = "method",
-             seed_var: str = "seed") -> tuple[list[dict[str, Any]], dict[Any, Curve]]:
-    """Per (method, seed): the final value, the baseline's final value at that seed (the target), the step the run
-    first reaches it and the speed-up (baseline's steps to its own final value, i.e. its last evaluation, over the
-    run's); and each run's curve, keyed by run name."""
+def _target_label(target: float | None, baseline: str, metric: str) -> str:
+    if target is None:
+        return f"{baseline}'s final"
+    return f"{100 * target:g}%" if is_fraction(metric) else f"{target:g}"
+
+
+def speedups(root: str, metric: str, baseline: str, series: str = "method", seed_var: str = "seed",
+             targets: Sequence[float | None] = (None,)) -> tuple[list[dict[str, Any]], dict[str, Curve]]:
+    """A row per (target, method, seed): the run's final value, the target (None in ``targets``: the baseline's
+    final value at that seed), the steps at which the run and the baseline first reach it, and the speed-up (the
+    baseline's steps over the run's); and each run's curve, keyed by run name."""
     sweep = plan.read_json(os.path.join(root, plan.SWEEP_FILE))
     if sweep is None:
         raise plan.PlanError(f"no {plan.SWEEP_FILE} in {root}: launch the sweep first")
     runs = [{"run": e["name"], **e.get("variables", {})} for e in sweep.get("runs", [])]
     curves = {r["run"]: run_curve(os.path.join(root, r["run"]), metric) for r in runs}
     runs = [r for r in runs if curves[r["run"]]]
-    targets = {r.get(seed_var): curves[r["run"]][-1] for r in runs if r.get(series) == baseline}
-    if not targets:
+    base = {r.get(seed_var): curves[r["run"]] for r in runs if r.get(series) == baseline}
+    if not base:
         raise plan.PlanError(f"no run of {series}={baseline} has logged eval/{metric} in {root}")
     out = []
-    for r in runs:
-        curve = curves[r["run"]]
-        target_step, target = targets.get(r.get(seed_var), (None, None))
-        row = {series: r.get(series), seed_var: r.get(seed_var), "final": curve[-1][1], "final_step": curve[-1][0],
-               "target": target, "reach": None, "bounded": False, "speedup": None}
-        reached = first_reach(curve, target) if target is not None else None
-        if reached is not None:
-            row["reach"], row["bounded"] = reached
-            row["speedup"] = target_step / row["reach"]
-        out.append(row)
+    for spec in targets:
+        for r in runs:
+            curve, base_curve = curves[r["run"]], base.get(r.get(seed_var))
+            target = spec if spec is not None else (base_curve[-1][1] if base_curve else None)
+            row = {"target_label": _target_label(spec, baseline, metric), series: r.get(series),
+                   seed_var: r.get(seed_var), "final": curve[-1][1], "target": target, "reach": None,
+                   "bounded": False, "base_reach": None, "base_bounded": False, "speedup": None}
+            if target is not None:
+                reached = first_reach(curve, target)
+                base_reached = first_reach(base_curve, target) if base_curve else None
+                if reached:
+                    row["reach"], row["bounded"] = reached
+                if base_reached:
+                    row["base_reach"], row["base_bounded"] = base_reached
+                if reached and base_reached:
+                    row["speedup"] = row["base_reach"] / row["reach"]
+            out.append(row)
     return out, curves
 
 
@@ -79,23 +93,31 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{mean:.3g} ± {std:.2g}"
 
 
+def _speedup_text(row: Mapping[str, Any]) -> str:
+    """``2.40×``; ``≥`` when only the run reached the target at its first evaluation, ``≤`` when only the
+    baseline did, ``~`` when both did."""
+    if row["speedup"] is None:
+        return "–"
+    mark = {(True, False): "≥", (False, True): "≤", (True, True): "~"}.get((row["bounded"], row["base_bounded"]), "")
+    return f"{mark}{row['speedup']:.2f}×"
+
+
 def markdown(rows: Sequence[Mapping[str, Any]], metric: str, baseline: str, series: str = "method",
              seed_var: str = "seed") -> str:
-    """A row per method: final score, steps to the baseline's final score and the speed-up, per seed and mean."""
+    """A row per target and method: final score, steps to the target and the speed-up, per seed and mean."""
     scale = 100.0 if is_fraction(metric) else 1.0
-    lines = [f"| {series} | final {metric} | steps to {baseline}'s final, per {seed_var} | speed-up per {seed_var} "
-             "| speed-up |", "|---|---|---|---|---|"]
-    for (method,), members in groups(rows, [series]).items():
+    lines = [f"| target | {series} | final {metric} | steps to the target, per {seed_var} | speed-up over "
+             f"{baseline}, per {seed_var} | speed-up |", "|---|---|---|---|---|---|"]
+    for (label, method), members in groups(rows, ["target_label", series]).items():
         members = sorted(members, key=lambda r: str(r.get(seed_var)))
         finals = [scale * r["final"] for r in members]
         reach = " / ".join("never" if r["reach"] is None else f"{'≤' if r['bounded'] else ''}{r['reach']:.0f}"
                            for r in members)
         ups = [r["speedup"] for r in members if r["speedup"] is not None]
-        per_seed = " / ".join("–" if r["speedup"] is None else f"{'≥' if r['bounded'] else ''}{r['speedup']:.2f}×"
-                              for r in members)
         missed = sum(r["speedup"] is None for r in members)
-        mean_up = _mean_std(ups) + ("×" if ups else "") + (f" ({missed} never)" if missed else "")
-        lines.append(f"| {format_value(method)} | {_mean_std(finals)} | {reach} | {per_seed} | {mean_up} |")
+        mean_up = _mean_std(ups) + ("×" if ups else "") + (f" ({missed} not reached)" if missed else "")
+        lines.append(f"| {label} | {format_value(method)} | {_mean_std(finals)} | {reach} | "
+                     f"{' / '.join(_speedup_text(r) for r in members)} | {mean_up} |")
     return "\n".join(lines)
 
 
@@ -127,19 +149,20 @@ def plot(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Curve], runs: M
 
 
 def curves_report(root: str, metric: str, baseline: str, out: str = "", series: str = "method",
-                  seed_var: str = "seed") -> dict[str, Any]:
+                  seed_var: str = "seed", targets: Sequence[float | None] = (None,)) -> dict[str, Any]:
     """Writes ``OUT/curves.md`` (the speed-up table) and ``OUT/curves.png``; returns their paths and the table."""
     out = out or os.path.join(root, "summary")
     os.makedirs(out, exist_ok=True)
-    rows, curves = speedups(root, metric, baseline, series, seed_var)
+    rows, curves = speedups(root, metric, baseline, series, seed_var, targets)
     table = markdown(rows, metric, baseline, series, seed_var)
     md_path = os.path.join(out, "curves.md")
     with open(md_path, "w") as f:
-        f.write(f"{os.path.abspath(root)}: {metric}; target = {baseline}'s final value at the same {seed_var}.\n\n")
+        f.write(f"{os.path.abspath(root)}: {metric}; {baseline}'s final = its final value at the same {seed_var}.\n\n")
         f.write(table + "\n")
     sweep = plan.read_json(os.path.join(root, plan.SWEEP_FILE))
     names = {(e.get("variables", {}).get(series), e.get("variables", {}).get(seed_var)): e["name"]
              for e in sweep.get("runs", [])}
-    png = plot([{**r, "seed": r[seed_var]} for r in rows], curves, names, metric,
+    first = rows[0]["target_label"]
+    png = plot([{**r, "seed": r[seed_var]} for r in rows if r["target_label"] == first], curves, names, metric,
                os.path.join(out, "curves.png"), series)
     return {"md": md_path, "png": png, "table": table, "rows": rows}

@@ -75,11 +75,6 @@ def create_state(params: Any, tx: optax.GradientTransformation, teacher: Teacher
     )
 
 
-def recipe_needs_tokens(objective: Objective) -> bool:
-    """Whether the objective embeds the batch's tokens itself (A-CLIP's recipe)."""
-    return isinstance(objective, AClip)
-
-
 def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
 
@@ -136,7 +131,8 @@ def make_train_step(
     mask_ratio = float(model.config.vision.get("mask_ratio", 0.0)) if hasattr(model, "config") else 0.0
     # the text tower's input: tokens, or (B, K, D_in) precomputed embeddings (their B*K facets come out record-major)
     text_key = "text_embedding" if hasattr(model, "config") and text_kind(model.config) == "precomputed" else "tokens"
-    if text_key != "tokens" and (grad_accum_steps > 1 or use_teacher or recipe_needs_tokens(objective)):
+    recipe = objective if isinstance(objective, AClip) else None  # A-CLIP's views and self-supervised terms
+    if text_key != "tokens" and (grad_accum_steps > 1 or use_teacher or recipe is not None):
         raise ValueError(PRECOMPUTED_LIMITS)
     if mask_ratio > 0 and grad_accum_steps > 1:  # every micro-batch would reuse one mask key
         raise ValueError("model.vision.mask_ratio > 0 does not support grad_accum_steps > 1 yet")
@@ -148,7 +144,6 @@ def make_train_step(
         raise ValueError(ATTENTIVE_NEEDS)
 
     block = int(model.config.vision.get("mask_block", 1)) if attentive else 1
-    recipe = objective if isinstance(objective, AClip) else None  # A-CLIP's views and self-supervised terms
 
     def attentive_inputs(key, teacher_params, images):
         """A-CLIP: the student's images, the patches each keeps, and what the recipe's terms read (or None)."""
